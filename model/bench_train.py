@@ -1,0 +1,231 @@
+"""Training benchmarks: data-pipeline overhead and peak memory vs input size.
+
+``mldcn bench train-throughput``: for each architecture at each preset level, training
+examples/s of the real pipeline (shards on disk → shuffled numpy batches → tensors → step)
+against a bare forward/backward loop over the same number of pre-built tensor batches. The two
+are run alternately (pipeline, bare, pipeline, bare, ...) in one process and the medians are
+compared, so machine noise hits both alike.
+
+``mldcn bench train-memory``: trains one epoch on a synthetic file of N rows and on one of
+10·N rows, each in a fresh subprocess, and reports peak RSS (``ru_maxrss``) of each. Streaming
+readers and on-disk shards should keep the two within 20%.
+
+Both print a table and write JSON with the machine description.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def machine() -> dict[str, Any]:
+    import torch
+
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
+
+
+def _epoch_pipeline(model, opt, shards, batch_size, rng) -> tuple[int, float]:
+    import torch.nn.functional as F
+    from torch import nn
+
+    from model.dataset import iter_batches
+    from model.train import to_tensors
+
+    t0 = time.perf_counter()
+    n = 0
+    for cat, dense, y in iter_batches(shards, batch_size, True, rng):
+        c, d, t = to_tensors(cat, dense, y)
+        loss = F.binary_cross_entropy_with_logits(model(c, d), t)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), 10.0)
+        opt.step()
+        n += len(y)
+    return n, time.perf_counter() - t0
+
+
+def _epoch_bare(model, opt, batches) -> tuple[int, float]:
+    import torch.nn.functional as F
+    from torch import nn
+
+    t0 = time.perf_counter()
+    n = 0
+    for c, d, t in batches:
+        loss = F.binary_cross_entropy_with_logits(model(c, d), t)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), 10.0)
+        opt.step()
+        n += len(t)
+    return n, time.perf_counter() - t0
+
+
+def throughput(
+    rows: int, repeats: int, batch_size: int, archs: list[str], levels: list[str]
+) -> dict[str, Any]:
+    import torch
+
+    from model.cli import synthetic_source
+    from model.ctr import build_model
+    from model.dataset import prepare
+    from model.flops import model_flops
+    from model.presets import preset
+    from model.split import SplitSpec
+
+    source, _ = synthetic_source(rows, seed=0)
+    with tempfile.TemporaryDirectory() as tmp:
+        data = prepare(source, SplitSpec(valid_frac=0.0, test_frac=0.0), Path(tmp) / "c")
+        cards, nd = data.encoders.cardinalities, data.encoders.num_dense
+        train_rows = data.rows("train")
+        g = torch.Generator().manual_seed(0)
+        bare = []
+        for s in range(0, train_rows, batch_size):
+            b = min(batch_size, train_rows - s)
+            bare.append((
+                torch.stack([torch.randint(0, c, (b,), generator=g) for c in cards], 1),
+                torch.randn(b, nd, generator=g),
+                (torch.rand(b, generator=g) < 0.3).float(),
+            ))
+        results = []
+        for level in levels:
+            for arch in archs:
+                cfg = preset(arch, level, cards, nd)
+                torch.manual_seed(0)
+                model = build_model(cfg, cards, nd)
+                model.train()
+                opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+                rng = np.random.default_rng(0)
+                _epoch_bare(model, opt, bare[:20])  # warm-up
+                pipe_rates, bare_rates = [], []
+                for _ in range(repeats):
+                    n, s = _epoch_pipeline(model, opt, data.shards["train"], batch_size, rng)
+                    pipe_rates.append(n / s)
+                    n, s = _epoch_bare(model, opt, bare)
+                    bare_rates.append(n / s)
+                p, b = float(np.median(pipe_rates)), float(np.median(bare_rates))
+                results.append({
+                    "level": level,
+                    "arch": arch,
+                    "mflops_per_example": model_flops(cfg, cards, nd).total / 1e6,
+                    "pipeline_examples_per_s": p,
+                    "bare_examples_per_s": b,
+                    "pipeline_overhead": b / p - 1.0,
+                    "pipeline_runs": pipe_rates,
+                    "bare_runs": bare_rates,
+                })
+                r = results[-1]
+                print(f"{level:<7} {arch:<8} {r['mflops_per_example']:8.3f} "
+                      f"{p:12,.0f} {b:12,.0f} {100 * r['pipeline_overhead']:9.1f}%", flush=True)
+    return {
+        "benchmark": "train-throughput",
+        "rows": train_rows,
+        "batch_size": batch_size,
+        "repeats": repeats,
+        "machine": machine(),
+        "results": results,
+        "max_overhead": max(r["pipeline_overhead"] for r in results),
+    }
+
+
+def _one_epoch_child(data_dir: str, arch: str, level: str) -> None:
+    """Run in a subprocess: prepare + one training epoch; print peak RSS in KiB as JSON."""
+    import torch
+
+    from model.ctr import build_model
+    from model.dataset import prepare
+    from model.presets import preset
+    from model.readers import open_source
+    from model.split import SplitSpec
+    from model.train import TrainConfig, fit
+
+    d = Path(data_dir)
+    files = sorted(p for p in d.iterdir() if p.suffix in (".csv", ".parquet"))
+    source = open_source(files, schema=d / "schema.json")
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        data = prepare(source, SplitSpec(), Path(tmp) / "c")
+        prep_s = time.perf_counter() - t0
+        cards, nd = data.encoders.cardinalities, data.encoders.num_dense
+        torch.manual_seed(0)
+        model = build_model(preset(arch, level, cards, nd), cards, nd)
+        t0 = time.perf_counter()
+        fit(model, data, TrainConfig(epochs=1, progress=False), log=lambda s: None)
+        train_s = time.perf_counter() - t0
+        rows = data.rows("train") + data.rows("valid") + data.rows("test")
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"rows": rows, "peak_rss_mib": peak_kib / 1024,
+                      "prepare_s": prep_s, "train_epoch_s": train_s}))
+
+
+def memory(rows: int, factor: int, arch: str, level: str, cache: Path) -> dict[str, Any]:
+    from model.synthetic import write_synthetic
+
+    runs = []
+    for n in (rows, rows * factor):
+        folder = cache / f"bench-synthetic-{n}"
+        if not (folder / "meta.json").is_file():
+            write_synthetic(folder, rows=n, seed=1)
+        size = sum(p.stat().st_size for p in folder.iterdir())
+        code = ("from model.bench_train import _one_epoch_child; "
+                f"_one_epoch_child({str(folder)!r}, {arch!r}, {level!r})")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        if out.returncode != 0:
+            raise RuntimeError(f"memory child failed:\n{out.stderr[-2000:]}")
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        r["file_mib"] = size / 2**20
+        runs.append(r)
+        print(f"{r['rows']:>10,} rows  {r['file_mib']:8.1f} MiB on disk  "
+              f"peak RSS {r['peak_rss_mib']:7.1f} MiB  prepare {r['prepare_s']:6.1f}s  "
+              f"epoch {r['train_epoch_s']:6.1f}s", flush=True)
+    ratio = runs[1]["peak_rss_mib"] / runs[0]["peak_rss_mib"]
+    print(f"peak RSS ratio {factor}x / 1x: {ratio:.3f}")
+    return {"benchmark": "train-memory", "arch": arch, "level": level, "factor": factor,
+            "machine": machine(), "runs": runs, "peak_rss_ratio": ratio}
+
+
+def main_throughput(args: Any) -> None:
+    print(f"{'level':<7} {'arch':<8} {'MFLOPs':>8} {'pipeline/s':>12} {'bare/s':>12} "
+          f"{'overhead':>10}")
+    res = throughput(args.rows, args.repeats, args.batch_size, args.archs.split(","),
+                     args.levels.split(","))
+    print(f"max pipeline overhead: {100 * res['max_overhead']:.1f}% (limit 30%)")
+    _write(args.out, res)
+
+
+def main_memory(args: Any) -> None:
+    from model.cli import DEFAULT_CACHE
+
+    res = memory(args.rows, args.factor, args.arch, args.level, DEFAULT_CACHE)
+    _write(args.out, res)
+
+
+def _write(path: str | None, res: dict[str, Any]) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(res, indent=2) + "\n")
+        print(f"wrote {path}")

@@ -1,0 +1,276 @@
+"""The ``mldcn`` command: one entry point, one sub-command per job.
+
+    mldcn train   train one architecture on a click log (or the built-in synthetic data)
+    mldcn synth   write a synthetic click log with planted interactions and its Bayes AUC
+    mldcn demo    the README's main command: train ML-DCN and DCNv2 on synthetic data
+    mldcn presets print the matched-FLOPs presets for a data layout
+    mldcn bench   training benchmarks (pipeline overhead, peak memory)
+
+Expected errors (bad paths, unknown architectures, malformed rows, schema mismatches) end with
+one line ``mldcn: error: ...`` on stderr and exit status 2, never a traceback (set
+``MLDCN_DEBUG=1`` to see the traceback anyway). Sub-commands
+import their heavy dependencies (torch, pyarrow) only when they run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+SYNTHETIC = "synthetic"
+DEFAULT_CACHE = Path(os.environ.get("MLDCN_CACHE", ".cache/mldcn"))
+
+
+class CLIError(Exception):
+    """An expected failure: printed as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    """Exception types that mean bad input rather than a bug."""
+    from model.schema import SchemaError
+
+    errors: list[type[BaseException]] = [CLIError, SchemaError, FileNotFoundError,
+                                         FileExistsError, NotADirectoryError, PermissionError,
+                                         IsADirectoryError, ValueError, KeyError]
+    return tuple(errors)
+
+
+def _parse_set(items: Sequence[str]) -> dict[str, Any]:
+    """``--set key=value`` overrides; values are parsed as JSON when they parse, else strings."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise CLIError(f"--set expects key=value, got {item!r}")
+        try:
+            out[key] = json.loads(raw)
+        except ValueError:
+            out[key] = raw
+    return out
+
+
+def synthetic_source(rows: int, seed: int, cache: Path = DEFAULT_CACHE) -> tuple[Any, float]:
+    """The built-in synthetic data set (written once into the cache), and its Bayes AUC."""
+    from model.readers import open_source
+    from model.synthetic import write_synthetic
+
+    folder = cache / f"synthetic-{rows}-seed{seed}"
+    meta = folder / "meta.json"
+    if not meta.is_file():
+        tmp = cache / f".synthetic-{rows}-seed{seed}.tmp-{os.getpid()}"
+        write_synthetic(tmp, rows=rows, seed=seed)
+        if folder.exists():
+            import shutil
+
+            shutil.rmtree(folder)
+        tmp.rename(folder)
+    info = json.loads(meta.read_text())
+    data_files = sorted(p for p in folder.iterdir() if p.suffix in (".csv", ".parquet"))
+    return open_source(data_files, schema=folder / "schema.json"), float(info["bayes_auc"])
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    d = p.add_argument_group("data")
+    d.add_argument("--data", nargs="+", default=[SYNTHETIC], metavar="PATH",
+                   help="click-log files read as one stream, or 'synthetic' (default)")
+    d.add_argument("--format", default="auto",
+                   help="auto, criteo-tsv, criteo-csv, avazu, csv or parquet (default: auto)")
+    d.add_argument("--schema", help="feature schema (JSON/YAML); required for generic CSV/Parquet")
+    d.add_argument("--synthetic-rows", type=int, default=200_000,
+                   help="rows of synthetic data when --data synthetic (default 200000)")
+    d.add_argument("--split", default="random", help="random (by seed) or time")
+    d.add_argument("--time-column", help="time column for --split time (default: the schema's)")
+    d.add_argument("--valid-frac", type=float, default=0.1)
+    d.add_argument("--test-frac", type=float, default=0.1)
+    m = p.add_argument_group("model")
+    m.add_argument("--arch", default="mldcn", help="mldcn, dcnv2, masknet or mlp")
+    m.add_argument("--preset", default="small", help="matched-FLOPs level: small, medium, large")
+    m.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a model hyper-parameter, e.g. --set rank=32 (repeatable)")
+    o = p.add_argument_group("optimisation")
+    o.add_argument("--epochs", type=int, default=10)
+    o.add_argument("--batch-size", type=int, default=1024)
+    o.add_argument("--lr", type=float, default=1e-3)
+    o.add_argument("--patience", type=int, default=2, help="early-stopping patience (epochs)")
+    o.add_argument("--seed", type=int, default=0)
+    o.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
+    o.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--out", help="run folder (default runs/ARCH-PRESET)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+
+
+def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
+    from model.config import ARCHS
+    from model.presets import LEVELS, preset
+    from model.readers import open_source
+    from model.split import SplitSpec
+    from model.train import TrainConfig, train_run
+
+    if args.arch not in ARCHS:
+        raise CLIError(f"unknown architecture {args.arch!r} (choose from {', '.join(ARCHS)})")
+    if args.preset not in LEVELS:
+        raise CLIError(f"unknown preset {args.preset!r} (choose from {', '.join(LEVELS)})")
+    bayes_auc = None
+    if args.data == [SYNTHETIC]:
+        if args.synthetic_rows < 100:
+            raise CLIError("--synthetic-rows must be at least 100")
+        source, bayes_auc = synthetic_source(args.synthetic_rows, seed=0)
+    else:
+        for path in args.data:
+            if not Path(path).exists():
+                raise CLIError(f"data file not found: {path}")
+        source = open_source(args.data, fmt=args.format, schema=args.schema)
+    time_column = args.time_column or source.schema.time_column
+    split = SplitSpec(kind=args.split, valid_frac=args.valid_frac, test_frac=args.test_frac,
+                      seed=args.seed, time_column=time_column if args.split == "time" else None)
+    known = {*source.schema.names, source.schema.time_column}
+    if args.split == "time" and time_column not in known:
+        raise CLIError(f"time column {time_column!r} is not in the data's schema")
+    # The preset needs the encoded layout, known only after fitting: use the schema's layout
+    # (cardinalities only change embedding sizes, which cost no FLOPs).
+    schema = source.schema
+    placeholder_cards = [2] * len(schema.categorical)
+    cfg = preset(args.arch, args.preset, placeholder_cards, len(schema.numeric),
+                 **_parse_set(args.set))
+    train_cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                            early_stop_patience=args.patience, seed=args.seed,
+                            threads=args.threads, progress=False if args.no_progress else None)
+    out = Path(args.out or f"runs/{args.arch}-{args.preset}")
+    metrics = train_run(source, cfg, train_cfg, split, out, overwrite=args.overwrite)
+    if bayes_auc is not None:
+        metrics["bayes_auc"] = bayes_auc
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        print(f"synthetic data: Bayes-optimal AUC {bayes_auc:.4f}, "
+              f"test AUC {metrics['test']['auc']:.4f} "
+              f"(gap {bayes_auc - metrics['test']['auc']:.4f})", file=sys.stderr)
+    return metrics
+
+
+def cmd_synth(args: argparse.Namespace) -> None:
+    from model.synthetic import write_synthetic
+
+    path = write_synthetic(Path(args.out), rows=args.rows, seed=args.seed, fmt=args.format)
+    meta = json.loads((Path(args.out) / "meta.json").read_text())
+    print(f"wrote {path} ({args.rows:,} rows, Bayes-optimal AUC {meta['bayes_auc']:.4f})")
+
+
+def cmd_presets(args: argparse.Namespace) -> None:
+    from model.config import ARCHS
+    from model.flops import model_flops
+    from model.presets import LEVELS, preset
+
+    cards = [2] * args.categorical
+    print(f"{'level':<8} {'arch':<8} {'MFLOPs':>8} {'params':>10}  key hyper-parameters")
+    for level in LEVELS:
+        for arch in ARCHS:
+            cfg = preset(arch, level, cards, args.numeric)
+            f = model_flops(cfg, cards, args.numeric)
+            keys = {k: v for k, v in cfg.to_dict().items() if v not in (None, False)}
+            print(f"{level:<8} {arch:<8} {f.total / 1e6:8.3f} {f.params:10,}  {keys}")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    """Train ML-DCN and DCNv2 at matched FLOPs on the built-in synthetic data."""
+    out = Path(args.out)
+    rows = []
+    for arch in ("mldcn", "dcnv2"):
+        ns = build_parser().parse_args([
+            "train", "--arch", arch, "--preset", args.preset,
+            "--synthetic-rows", str(args.rows), "--epochs", str(args.epochs),
+            "--out", str(out / "runs" / arch), "--overwrite",
+        ])
+        m = cmd_train(ns)
+        rows.append((arch, m))
+    print(f"\n{'arch':<8} {'MFLOPs/ex':>10} {'params':>9} {'valid AUC':>10} {'test AUC':>9} "
+          f"{'Bayes AUC':>10} {'train ex/s':>11}")
+    for arch, m in rows:
+        print(f"{arch:<8} {m['flops_per_example'] / 1e6:10.3f} {m['params']:9,} "
+              f"{m['valid']['auc']:10.4f} {m['test']['auc']:9.4f} {m['bayes_auc']:10.4f} "
+              f"{m['train_examples_per_s']:11,.0f}")
+    print(f"\nrun folders: {out / 'runs'}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="mldcn", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("train", help="train a model and write a run folder")
+    _add_train_args(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("synth", help="write synthetic click-log data")
+    p.add_argument("out", help="output folder")
+    p.add_argument("--rows", type=int, default=200_000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--format", default="csv", help="csv or parquet")
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("presets", help="print the matched-FLOPs presets")
+    p.add_argument("--categorical", type=int, default=26, help="categorical fields (default 26)")
+    p.add_argument("--numeric", type=int, default=13, help="numeric fields (default 13)")
+    p.set_defaults(func=cmd_presets)
+
+    p = sub.add_parser("demo", help="train ML-DCN and DCNv2 on synthetic data (README)")
+    p.add_argument("--out", default="demo", help="output folder (default demo/)")
+    p.add_argument("--rows", type=int, default=200_000, help="synthetic rows (default 200000)")
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--preset", default="small")
+    p.set_defaults(func=cmd_demo)
+
+    bench = sub.add_parser("bench", help="benchmarks (print a table, write JSON)")
+    bsub = bench.add_subparsers(dest="bench", required=True, parser_class=_Parser)
+    p = bsub.add_parser("train-throughput", help="training pipeline vs a bare loop")
+    p.add_argument("--rows", type=int, default=200_000)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=1024)
+    p.add_argument("--archs", default="mldcn,dcnv2,masknet,mlp")
+    p.add_argument("--levels", default="small,medium,large")
+    p.add_argument("--out", help="JSON output path")
+    p.set_defaults(func=lambda a: _bench("main_throughput", a))
+    p = bsub.add_parser("train-memory", help="peak RSS for 1x and 10x input files")
+    p.add_argument("--rows", type=int, default=200_000)
+    p.add_argument("--factor", type=int, default=10)
+    p.add_argument("--arch", default="mldcn")
+    p.add_argument("--level", default="small")
+    p.add_argument("--out", help="JSON output path")
+    p.set_defaults(func=lambda a: _bench("main_memory", a))
+    return parser
+
+
+def _bench(name: str, args: argparse.Namespace) -> None:
+    from model import bench_train
+
+    getattr(bench_train, name)(args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except _expected_errors() as e:
+        if os.environ.get("MLDCN_DEBUG"):
+            raise
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        if isinstance(e, KeyError):
+            msg = f"missing column {msg!r}"
+        print(f"mldcn: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mldcn: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

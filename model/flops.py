@@ -1,0 +1,341 @@
+"""Analytic FLOPs and parameter counts per example, for every module and the whole CTR model.
+
+No torch import: presets, the CLI and the service can use it. One multiply-add is 2 FLOPs.
+
+Two numbers are reported:
+
+``matmul``
+    Matrix-multiply FLOPs only (2·m·n·k for every mm/addmm/bmm): exactly what
+    ``torch.utils.flop_counter.FlopCounterMode`` counts for our modules (tests check it for every
+    architecture, structure, ablation and preset). The bias of an addmm is not included there.
+``total``
+    ``matmul`` plus element-wise work (``elementwise``), counted per output element as:
+
+    ===========================================  ===================
+    bias add, ⊙, residual add, sum of two terms  1
+    ReLU, tanh, sigmoid                          1 (2·sigmoid: 2)
+    LayerNorm (mean, centre, variance, scale,    5
+    affine)
+    softmax over K experts                       3 per expert
+    gated sum of K expert outputs                K products + (K−1) adds per element
+    ===========================================  ===================
+
+    Not counted: embedding lookups, id offsets, concatenation and reshapes, dropout (training
+    only), and the final sigmoid (the model returns logits). Identity nonlinearities cost 0.
+
+With these conventions the MODELS.md formulas are reproduced exactly for DCNv2 full rank,
+L(2d² + 3d), and low rank, L(4dr + 3d) (+ L(2r² + 2r) with C and a nonlinearity). Where MODELS.md
+is looser we count what the code runs:
+
+- DCN-Mix: L·K(4dr + 2r² + 2r) + L(2Kd) + L(4Kd + 3K) here (nonlinearities, softmax, and a gated
+  sum of K(2d) − d), against MODELS.md's L·K(4dr + 2r²) + L(4Kd + d) + 2LKd: 652,500 vs 652,866
+  for d=390, L=3, r=32, K=4 (MODELS.md's worked number, 0.654 M, is 0.2% above its own formula).
+- ML-DCN: MODELS.md's L(4dr + 2h(d + r) + h + r + 3d) counts one element-wise op per mask vector;
+  we count c1 and ReLU (2h) and c2 and the mask product (2r), and the shared LN(x0) (5d, once):
+  total = MODELS.md + L(h + r) + 5d, e.g. 392,724 vs 390,486 (0.6%) for d=390, L=3, r=64, h=32.
+- Serial MaskNet 3×400, ρ=0.2, d=390: 1,338,486 (MODELS.md: 1.34 M).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from model.config import ModelConfig, check_layout, reduction_width
+
+
+@dataclass(frozen=True)
+class Cost:
+    """FLOPs per example and trainable parameters of one module (``total`` = matmul + rest)."""
+
+    matmul: int = 0
+    elementwise: int = 0
+    params: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.matmul + self.elementwise
+
+    def __add__(self, other: Cost) -> Cost:
+        return Cost(
+            self.matmul + other.matmul,
+            self.elementwise + other.elementwise,
+            self.params + other.params,
+        )
+
+    def times(self, n: int) -> Cost:
+        """The cost of ``n`` copies (n layers, n experts)."""
+        return Cost(self.matmul * n, self.elementwise * n, self.params * n)
+
+
+def _sum(costs: Sequence[Cost]) -> Cost:
+    out = Cost()
+    for c in costs:
+        out = out + c
+    return out
+
+
+def linear_cost(in_features: int, out_features: int, bias: bool = True) -> Cost:
+    """``nn.Linear``: 2·in·out matmul FLOPs, one add per output for the bias."""
+    b = out_features if bias else 0
+    return Cost(2 * in_features * out_features, b, in_features * out_features + b)
+
+
+def elementwise_cost(n: int) -> Cost:
+    """``n`` element-wise operations (no parameters)."""
+    return Cost(0, n, 0)
+
+
+def layernorm_cost(n: int) -> Cost:
+    """``nn.LayerNorm(n)``: 5 FLOPs per element, 2n parameters."""
+    return Cost(0, 5 * n, 2 * n)
+
+
+def _nonlinearity(name: str, n: int) -> Cost:
+    return elementwise_cost(0 if name == "identity" else n)
+
+
+def _gated_sum(d: int, num_experts: int) -> Cost:
+    """Softmax over K gate logits, K·d products, (K−1)·d adds to combine the expert outputs."""
+    k = num_experts
+    return elementwise_cost(3 * k + k * d + (k - 1) * d)
+
+
+def mlp_cost(in_features: int, dims: Sequence[int]) -> Cost:
+    """``MLP``: Linear + bias + ReLU per hidden layer."""
+    costs, width = [], in_features
+    for out in dims:
+        costs += [linear_cost(width, out), elementwise_cost(out)]
+        width = out
+    return _sum(costs)
+
+
+def crossnet_cost(d: int, num_layers: int) -> Cost:
+    """DCNv2 full rank, ``CrossNet``: L(2d² + 3d)."""
+    layer = linear_cost(d, d) + elementwise_cost(2 * d)  # W x + b, x0 ⊙, + x_l
+    return layer.times(num_layers)
+
+
+def lowrank_crossnet_cost(
+    d: int, num_layers: int, rank: int, use_c: bool = False, nonlinearity: str = "relu"
+) -> Cost:
+    """DCNv2 low rank, ``LowRankCrossNet``: L(4dr + 3d), + L(2r² + 2r) with C (g not identity)."""
+    layer = linear_cost(d, rank, bias=False) + linear_cost(rank, d) + elementwise_cost(2 * d)
+    if use_c:
+        layer = layer + linear_cost(rank, rank, bias=False) + _nonlinearity(nonlinearity, 2 * rank)
+    return layer.times(num_layers)
+
+
+def mixture_crossnet_cost(
+    d: int, num_layers: int, rank: int, num_experts: int, nonlinearity: str = "relu"
+) -> Cost:
+    """DCN-Mix, ``LowRankMixtureCrossNet``: L·K(4dr + 2r² + 2r) + L(2Kd + 4Kd + 3K)."""
+    k, r = num_experts, rank
+    expert = (
+        linear_cost(d, r, bias=False)  # V_iᵀ x
+        + linear_cost(r, r, bias=False)  # C_i
+        + linear_cost(r, d, bias=False)  # U_i
+        + _nonlinearity(nonlinearity, 2 * r)
+        + elementwise_cost(2 * d)  # + b, x0 ⊙
+    )
+    layer = (
+        expert.times(k)
+        + Cost(params=d)  # shared bias
+        + linear_cost(d, k, bias=False)  # gate logits
+        + _gated_sum(d, k)
+        + elementwise_cost(d)  # + x_l
+    )
+    return layer.times(num_layers)
+
+
+def masked_lowrank_crossnet_cost(
+    d: int,
+    num_layers: int,
+    rank: int,
+    mask_hidden: int,
+    mask_position: str = "rank",
+    mask_source: str = "x0",
+    mask_activation: str = "linear",
+    residual_layernorm: bool = False,
+    num_experts: int = 1,
+) -> Cost:
+    """ML-DCN, ``MaskedLowRankCrossNet``; by default L(4dr + 2h(d + r) + 2h + 2r + 3d) + 5d."""
+    k, r, h = num_experts, rank, mask_hidden
+    mask_dim = k * r if mask_position == "rank" else d
+    activation = {"linear": 0, "sigmoid": 1, "2sigmoid": 2}[mask_activation]
+    layer = (
+        linear_cost(d, h)  # W1 LN(·) + c1
+        + elementwise_cost(h)  # ReLU
+        + linear_cost(h, mask_dim)  # W2 a + c2
+        + elementwise_cost(activation * mask_dim + mask_dim)  # σ, m ⊙
+        + linear_cost(d, k * r, bias=False)  # V_iᵀ of all experts
+    )
+    if k == 1:
+        layer = layer + linear_cost(r, d) + elementwise_cost(2 * d)  # U z + b, x0 ⊙, + x_l
+    else:
+        layer = (
+            layer
+            + linear_cost(r, d, bias=False).times(k)  # U_i z_i
+            + Cost(params=d)  # shared bias
+            + elementwise_cost(2 * k * d)  # + b, x0 ⊙ per expert
+            + linear_cost(d, k, bias=False)  # gate logits
+            + _gated_sum(d, k)
+            + elementwise_cost(d)  # + x_l
+        )
+    if residual_layernorm:
+        layer = layer + layernorm_cost(d)
+    norms = layernorm_cost(d).times(1 if mask_source == "x0" else num_layers)
+    return layer.times(num_layers) + norms
+
+
+def mask_block_cost(
+    mask_input_dim: int, in_features: int, out_features: int, reduction_ratio: float
+) -> Cost:
+    """``MaskBlock``: mask MLP, m ⊙ h, bias-free projection, LayerNorm, ReLU."""
+    t = reduction_width(in_features, reduction_ratio)
+    return (
+        linear_cost(mask_input_dim, t)
+        + elementwise_cost(t)  # ReLU
+        + linear_cost(t, in_features)
+        + elementwise_cost(in_features)  # m ⊙ h
+        + linear_cost(in_features, out_features, bias=False)
+        + layernorm_cost(out_features)
+        + elementwise_cost(out_features)  # ReLU
+    )
+
+
+def serial_masknet_cost(d: int, num_blocks: int, block_dim: int, reduction_ratio: float) -> Cost:
+    """``SerialMaskNet``: LN(x0), then blocks d → block_dim → … → block_dim."""
+    widths = [d] + [block_dim] * num_blocks
+    blocks = [
+        mask_block_cost(d, widths[i], widths[i + 1], reduction_ratio) for i in range(num_blocks)
+    ]
+    return layernorm_cost(d) + _sum(blocks)
+
+
+def parallel_masknet_cost(d: int, num_blocks: int, block_dim: int, reduction_ratio: float) -> Cost:
+    """``ParallelMaskNet``: LN(x0), then ``num_blocks`` blocks d → block_dim side by side."""
+    block = mask_block_cost(d, d, block_dim, reduction_ratio)
+    return layernorm_cost(d) + block.times(num_blocks)
+
+
+def interaction_output_dim(cfg: ModelConfig, d: int) -> int:
+    """Width of the interaction module's output for an x0 of width ``d``."""
+    if cfg.arch == "masknet":
+        return cfg.block_dim * (1 if cfg.masknet_mode == "serial" else cfg.num_layers)
+    return d
+
+
+def interaction_cost(cfg: ModelConfig, d: int) -> Cost:
+    """Cost of ``cfg``'s interaction module on an x0 of width ``d`` (zero for "mlp" and "lr")."""
+    num_layers = cfg.num_layers
+    if cfg.arch == "dcnv2":
+        if cfg.dcn_type == "full":
+            return crossnet_cost(d, num_layers)
+        if cfg.dcn_type == "lowrank":
+            return lowrank_crossnet_cost(
+                d, num_layers, cfg.rank, cfg.low_rank_c, cfg.low_rank_nonlinearity
+            )
+        return mixture_crossnet_cost(
+            d, num_layers, cfg.rank, cfg.num_experts, cfg.low_rank_nonlinearity
+        )
+    if cfg.arch == "mldcn":
+        return masked_lowrank_crossnet_cost(
+            d,
+            num_layers,
+            cfg.rank,
+            cfg.resolved_mask_hidden,
+            cfg.mask_position,
+            cfg.mask_source,
+            cfg.mask_activation,
+            cfg.residual_layernorm,
+            cfg.num_experts,
+        )
+    if cfg.arch == "masknet":
+        net = serial_masknet_cost if cfg.masknet_mode == "serial" else parallel_masknet_cost
+        return net(d, num_layers, cfg.block_dim, cfg.reduction_ratio)
+    return Cost()
+
+
+@dataclass(frozen=True)
+class FlopsReport:
+    """FLOPs per example and parameters of a whole model (see the module docstring).
+
+    ``parts`` breaks the cost down: "interaction", "mlp", "head" ("lr" for the baseline);
+    ``embedding_params`` + ``dense_params`` = ``params``.
+    """
+
+    matmul: int
+    elementwise: int
+    total: int
+    params: int
+    embedding_params: int
+    dense_params: int
+    parts: dict[str, Cost] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly: the counts and, per part, its matmul, total and params."""
+        d: dict[str, Any] = {
+            k: getattr(self, k)
+            for k in (
+                "matmul",
+                "elementwise",
+                "total",
+                "params",
+                "embedding_params",
+                "dense_params",
+            )
+        }
+        d["parts"] = {
+            name: {"matmul": c.matmul, "total": c.total, "params": c.params}
+            for name, c in self.parts.items()
+        }
+        return d
+
+
+def model_flops(cfg: ModelConfig, cardinalities: Sequence[int], num_dense: int) -> FlopsReport:
+    """FLOPs per example and parameter counts of ``build_model(cfg, cardinalities, num_dense)``.
+
+    Example (DCNv2 full rank, d = 2·4 + 3 = 11, two layers, parallel with one hidden layer):
+        >>> cfg = ModelConfig(arch="dcnv2", embed_dim=4, num_layers=2, mlp_dims=(8,))
+        >>> r = model_flops(cfg, [10, 10], num_dense=3)
+        >>> r.parts["interaction"].total == 2 * (2 * 11 * 11 + 3 * 11)
+        True
+        >>> r.matmul, r.total, r.embedding_params, r.params
+        (698, 781, 80, 460)
+    """
+    cards = check_layout(cardinalities, num_dense)
+    if cfg.arch == "lr":
+        num_cat = len(cards)
+        lr = Cost(2 * num_dense, num_cat + (1 if num_dense else 0), num_dense + 1)
+        return _report({"lr": lr}, embedding_params=sum(cards))
+    d = len(cards) * cfg.embed_dim + num_dense
+    inter = interaction_cost(cfg, d)
+    inter_dim = interaction_output_dim(cfg, d)
+    mlp_dims = cfg.mlp_dims
+    structure = "stacked" if cfg.arch == "mlp" else cfg.structure
+    mlp_out = mlp_dims[-1] if mlp_dims else None
+    if structure == "parallel":
+        mlp = mlp_cost(d, mlp_dims)
+        head_in = inter_dim + (mlp_out or d)
+    elif structure == "stacked":
+        mlp = mlp_cost(inter_dim, mlp_dims)
+        head_in = mlp_out or inter_dim
+    else:
+        mlp, head_in = Cost(), inter_dim
+    parts = {"interaction": inter, "mlp": mlp, "head": linear_cost(head_in, 1)}
+    return _report(parts, embedding_params=sum(cards) * cfg.embed_dim)
+
+
+def _report(parts: dict[str, Cost], embedding_params: int) -> FlopsReport:
+    total = _sum(list(parts.values()))
+    return FlopsReport(
+        matmul=total.matmul,
+        elementwise=total.elementwise,
+        total=total.total,
+        params=total.params + embedding_params,
+        embedding_params=embedding_params,
+        dense_params=total.params,
+        parts=parts,
+    )

@@ -1,0 +1,312 @@
+"""Training: Adam + BCE with gradient clipping, lr-on-plateau and early stopping on valid AUC.
+
+:func:`train_run` is what ``mldcn train`` calls: it prepares the data (split, fit encoders,
+encode into shards), trains, evaluates on the test split with the best-on-valid weights, and
+writes a run folder::
+
+    RUN_DIR/checkpoint.pt      state_dict of the best epoch (torch.save)
+    RUN_DIR/model_config.json  ModelConfig + cardinalities + num_dense (enough to rebuild)
+    RUN_DIR/encoders.json      feature schema + fitted encoders (numpy-only, used by serving)
+    RUN_DIR/train_config.json  TrainConfig and the split
+    RUN_DIR/metrics.json       valid/test AUC and logloss, FLOPs and params per example,
+                               examples/s, per-epoch history, data files and their SHA-256
+
+The folder is written under a temporary name and renamed at the end, so a run that fails
+leaves no half-written run folder behind.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.config import ModelConfig
+from model.ctr import build_model
+from model.dataset import PreparedData, Shard, iter_batches, prepare
+from model.flops import model_flops
+from model.metrics import log_loss, roc_auc
+from model.split import SplitSpec
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings. Defaults follow the BARS benchmark recipe (see MODELS.md)."""
+
+    epochs: int = 10
+    batch_size: int = 1024
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    grad_clip_norm: float = 10.0
+    early_stop_patience: int = 2
+    lr_patience: int = 1
+    lr_factor: float = 0.1
+    min_lr: float = 1e-6
+    seed: int = 0
+    eval_batch_size: int = 16384
+    threads: int | None = None
+    progress: bool | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "eval_batch_size", "early_stop_patience"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def to_tensors(
+    cat: np.ndarray, dense: np.ndarray, label: np.ndarray | None = None
+) -> tuple[torch.Tensor, ...]:
+    """numpy batch → torch tensors without copying where possible."""
+    out = [torch.from_numpy(np.ascontiguousarray(a)) for a in (cat, dense)]
+    if label is not None:
+        out.append(torch.from_numpy(np.ascontiguousarray(label)))
+    return tuple(out)
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module, shards: list[Shard], batch_size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, probabilities) over the shards, in shard order."""
+    model.eval()
+    labels, probs = [], []
+    for cat, dense, y in iter_batches(shards, batch_size):
+        c, d = to_tensors(cat, dense)
+        probs.append(torch.sigmoid(model(c, d)).numpy())
+        labels.append(y)
+    if not labels:
+        return np.empty(0, np.float32), np.empty(0, np.float32)
+    return np.concatenate(labels), np.concatenate(probs)
+
+
+def evaluate(model: nn.Module, shards: list[Shard], batch_size: int) -> dict[str, float]:
+    """AUC and logloss over the shards (AUC is NaN when only one class is present)."""
+    y, p = predict(model, shards, batch_size)
+    if y.size == 0:
+        return {"auc": float("nan"), "logloss": float("nan"), "rows": 0}
+    auc = roc_auc(y, p) if 0 < y.sum() < y.size else float("nan")
+    return {"auc": float(auc), "logloss": float(log_loss(y, p)), "rows": int(y.size)}
+
+
+def _monitor(m: dict[str, float]) -> float:
+    """The number early stopping maximises: valid AUC, or -logloss if AUC is undefined."""
+    return m["auc"] if math.isfinite(m["auc"]) else -m["logloss"]
+
+
+def fit(
+    model: nn.Module, data: PreparedData, cfg: TrainConfig, log: Log = _stderr
+) -> list[dict[str, Any]]:
+    """Train in place; on return the model holds the weights of the best valid epoch."""
+    from tqdm import tqdm
+
+    rng = np.random.default_rng(cfg.seed)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        opt, mode="max", factor=cfg.lr_factor, patience=cfg.lr_patience, min_lr=cfg.min_lr
+    )
+    train_rows = data.rows("train")
+    steps = sum(math.ceil(s.rows / cfg.batch_size) for s in data.shards["train"])
+    best, best_state, bad, history = -math.inf, None, 0, []
+    for epoch in range(1, cfg.epochs + 1):
+        model.train()
+        t0 = time.perf_counter()
+        seen, loss_sum = 0, 0.0
+        bar = tqdm(total=steps, desc=f"epoch {epoch}", unit="batch", leave=False,
+                   disable=(not cfg.progress) if cfg.progress is not None else None,
+                   file=sys.stderr)
+        for cat, dense, y in iter_batches(data.shards["train"], cfg.batch_size, True, rng):
+            c, d, t = to_tensors(cat, dense, y)
+            loss = F.binary_cross_entropy_with_logits(model(c, d), t)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip_norm > 0:
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip_norm)
+            opt.step()
+            seen += len(y)
+            loss_sum += float(loss) * len(y)
+            bar.update(1)
+            if bar.n % 20 == 0:
+                rate = seen / max(time.perf_counter() - t0, 1e-9)
+                bar.set_postfix(loss=f"{loss_sum / seen:.4f}", ex_s=f"{rate:,.0f}")
+        bar.close()
+        train_s = time.perf_counter() - t0
+        valid = evaluate(model, data.shards["valid"], cfg.eval_batch_size)
+        lr = opt.param_groups[0]["lr"]
+        row = {
+            "epoch": epoch,
+            "train_loss": loss_sum / max(seen, 1),
+            "train_examples_per_s": seen / max(train_s, 1e-9),
+            "train_s": train_s,
+            "valid_auc": valid["auc"],
+            "valid_logloss": valid["logloss"],
+            "lr": lr,
+        }
+        history.append(row)
+        log(
+            f"epoch {epoch}: train_loss {row['train_loss']:.4f}  valid_auc {valid['auc']:.4f}  "
+            f"valid_logloss {valid['logloss']:.4f}  {row['train_examples_per_s']:,.0f} ex/s  "
+            f"lr {lr:.1e}  ({train_rows:,} train rows)"
+        )
+        score = _monitor(valid)
+        sched.step(score)
+        if score > best + 1e-6:
+            best, bad = score, 0
+            best_state = copy.deepcopy(model.state_dict())
+        else:
+            bad += 1
+            if bad >= cfg.early_stop_patience:
+                log(f"early stop: no valid improvement for {bad} epochs")
+                break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    return history
+
+
+def sha256_file(path: str | Path, block: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def train_run(
+    source: Any,
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    split: SplitSpec,
+    out_dir: str | Path,
+    overwrite: bool = False,
+    chunk_rows: int = 65536,
+    shard_rows: int = 262144,
+    log: Log = _stderr,
+) -> dict[str, Any]:
+    """Prepare data, train, test and write the run folder. Returns the metrics dict."""
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"run folder {out} exists and is not empty (use --overwrite)")
+    if train_cfg.threads:
+        torch.set_num_threads(train_cfg.threads)
+    torch.manual_seed(train_cfg.seed)
+    np.random.seed(train_cfg.seed)
+
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        t0 = time.perf_counter()
+        data = prepare(source, split, tmp / "cache", chunk_rows=chunk_rows, shard_rows=shard_rows)
+        prep_s = time.perf_counter() - t0
+        log(
+            f"data: {data.rows('train'):,} train / {data.rows('valid'):,} valid / "
+            f"{data.rows('test'):,} test rows, encoded in {prep_s:.1f}s; "
+            f"cardinalities {data.encoders.cardinalities}, {data.encoders.num_dense} dense"
+        )
+        if data.rows("valid") == 0:
+            raise ValueError(
+                "the validation split is empty: use more rows or a larger --valid-frac"
+            )
+        cards, num_dense = data.encoders.cardinalities, data.encoders.num_dense
+        model = build_model(model_cfg, cards, num_dense)
+        flops = model_flops(model_cfg, cards, num_dense)
+        log(f"model: {model_cfg.arch}, {flops.total / 1e6:.3f} MFLOPs/example, "
+            f"{flops.params:,} parameters")
+
+        t1 = time.perf_counter()
+        history = fit(model, data, train_cfg, log)
+        train_s = time.perf_counter() - t1
+        valid = evaluate(model, data.shards["valid"], train_cfg.eval_batch_size)
+        test = evaluate(model, data.shards["test"], train_cfg.eval_batch_size)
+        log(f"best: valid_auc {valid['auc']:.4f}  test_auc {test['auc']:.4f}  "
+            f"test_logloss {test['logloss']:.4f}")
+
+        metrics = {
+            "arch": model_cfg.arch,
+            "valid": valid,
+            "test": test,
+            "flops_per_example": flops.total,
+            "matmul_flops_per_example": flops.matmul,
+            "params": flops.params,
+            "train_examples_per_s": float(
+                np.median([h["train_examples_per_s"] for h in history])
+            ),
+            "epochs_run": len(history),
+            "best_epoch": 1 + int(np.argmax([_monitor(
+                {"auc": h["valid_auc"], "logloss": h["valid_logloss"]}) for h in history])),
+            "history": history,
+            "data": {
+                "format": getattr(source, "fmt", None),
+                "files": [
+                    {"path": str(p), "sha256": sha256_file(p), "bytes": Path(p).stat().st_size}
+                    for p in getattr(source, "paths", [])
+                ],
+                "splits": data.stats,
+                "prepare_s": prep_s,
+            },
+            "train_s": train_s,
+            "torch_threads": torch.get_num_threads(),
+            "torch_version": torch.__version__,
+        }
+        torch.save(model.state_dict(), tmp / "checkpoint.pt")
+        (tmp / "model_config.json").write_text(json.dumps(
+            {"model": model_cfg.to_dict(), "cardinalities": cards, "num_dense": num_dense},
+            indent=2) + "\n")
+        data.encoders.save(tmp / "encoders.json")
+        (tmp / "train_config.json").write_text(json.dumps(
+            {"train": asdict(train_cfg), "split": asdict(split)}, indent=2) + "\n")
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        data.cleanup()
+        if out.exists():
+            shutil.rmtree(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log(f"wrote {out}")
+    return metrics
+
+
+def load_run(run_dir: str | Path) -> tuple[nn.Module, ModelConfig, Any, dict[str, Any]]:
+    """Rebuild (model with best weights, config, encoders, metrics) from a run folder."""
+    from model.encoders import FeatureEncoders
+
+    run = Path(run_dir)
+    for name in ("checkpoint.pt", "model_config.json", "encoders.json", "metrics.json"):
+        if not (run / name).is_file():
+            raise FileNotFoundError(f"{run} is not a run folder: {name} is missing")
+    mc = json.loads((run / "model_config.json").read_text())
+    cfg = ModelConfig.from_dict(mc["model"])
+    encoders = FeatureEncoders.load(run / "encoders.json")
+    if encoders.cardinalities != mc["cardinalities"] or encoders.num_dense != mc["num_dense"]:
+        raise ValueError(f"{run}: encoders.json does not match model_config.json")
+    model = build_model(cfg, mc["cardinalities"], mc["num_dense"])
+    state = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=True)
+    model.load_state_dict(state)
+    model.eval()
+    metrics = json.loads((run / "metrics.json").read_text())
+    return model, cfg, encoders, metrics
