@@ -147,7 +147,7 @@ def fit(
                 nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip_norm)
             opt.step()
             seen += len(y)
-            loss_sum += float(loss) * len(y)
+            loss_sum += float(loss.detach()) * len(y)
             bar.update(1)
             if bar.n % 20 == 0:
                 rate = seen / max(time.perf_counter() - t0, 1e-9)

@@ -43,7 +43,7 @@ def test_sample_layout_matches_schema(world: SyntheticWorld) -> None:
     assert np.isnan(cols[schema.numeric[0].name]).any()  # some numerics are missing
     assert cols["label"].dtype == np.float32 and set(cols["label"].tolist()) <= {0.0, 1.0}
     assert p.shape == (500,) and ((p > 0) & (p < 1)).all()
-    assert len(world.pairs) == 6 and len(world.triples) == 2
+    assert len(world.pairs) == 4 and len(world.triples) == 1
 
 
 def test_same_seeds_same_data_different_seeds_different_data() -> None:
