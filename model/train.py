@@ -271,6 +271,7 @@ def train_run(
             "torch_threads": torch.get_num_threads(),
             "torch_version": torch.__version__,
         }
+        write_samples(tmp / "samples", source, data)
         torch.save(model.state_dict(), tmp / "checkpoint.pt")
         (tmp / "model_config.json").write_text(json.dumps(
             {"model": model_cfg.to_dict(), "cardinalities": cards, "num_dense": num_dense},
@@ -289,6 +290,41 @@ def train_run(
         raise
     log(f"wrote {out}")
     return metrics
+
+
+def write_samples(
+    folder: Path, source: Any, data: PreparedData, raw_rows: int = 512, valid_rows: int = 65536
+) -> None:
+    """Keep real rows with the run, so export can check parity without the original files.
+
+    ``raw_rows.json``: the first ``raw_rows`` rows of the input as raw values (column lists,
+    missing values as null) plus labels. ``valid.npz``: up to ``valid_rows`` encoded rows of the
+    validation split (cat_ids, dense, labels), for parity and fp16 AUC checks.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    chunk = next(iter(source.iter_chunks(raw_rows)), None)
+    if chunk is not None:
+        cols: dict[str, list[Any]] = {}
+        for name in [*data.encoders.schema.names, data.encoders.schema.label]:
+            values = np.asarray(chunk[name])
+            if values.dtype.kind == "f":
+                cols[name] = [None if math.isnan(v) else v for v in values.tolist()]
+            else:
+                cols[name] = values.tolist()
+        (folder / "raw_rows.json").write_text(json.dumps(cols) + "\n")
+    parts, n = [], 0
+    for cat, dense, y in iter_batches(data.shards["valid"], valid_rows):
+        parts.append((cat, dense, y))
+        n += len(y)
+        if n >= valid_rows:
+            break
+    if parts:
+        np.savez(
+            folder / "valid.npz",
+            cat_ids=np.concatenate([p[0] for p in parts])[:valid_rows],
+            dense=np.concatenate([p[1] for p in parts])[:valid_rows],
+            labels=np.concatenate([p[2] for p in parts])[:valid_rows],
+        )
 
 
 def load_run(run_dir: str | Path) -> tuple[nn.Module, ModelConfig, Any, dict[str, Any]]:
