@@ -3,8 +3,9 @@
 ``mldcn bench train-throughput``: for each architecture at each preset level, training
 examples/s of the real pipeline (shards on disk → shuffled numpy batches → tensors → step)
 against a bare forward/backward loop over the same number of pre-built tensor batches. The two
-are run alternately (pipeline, bare, pipeline, bare, ...) in one process and the medians are
-compared, so machine noise hits both alike.
+are run alternately (pipeline, bare, pipeline, bare, ...) in one process; the overhead is the
+median over repeats of (bare rate / pipeline rate of the adjacent pair) - 1, so slow periods of
+a shared machine hit both sides of a pair alike.
 
 ``mldcn bench train-memory``: trains one epoch on a synthetic file of N rows and on one of
 10·N rows, each in a fresh subprocess, and reports peak RSS (``ru_maxrss``) of each. Streaming
@@ -50,37 +51,24 @@ def machine() -> dict[str, Any]:
 
 
 def _epoch_pipeline(model, opt, shards, batch_size, rng) -> tuple[int, float]:
-    import torch.nn.functional as F
-    from torch import nn
-
     from model.dataset import iter_batches
-    from model.train import to_tensors
+    from model.train import to_tensors, train_step
 
     t0 = time.perf_counter()
     n = 0
     for cat, dense, y in iter_batches(shards, batch_size, True, rng):
-        c, d, t = to_tensors(cat, dense, y)
-        loss = F.binary_cross_entropy_with_logits(model(c, d), t)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), 10.0)
-        opt.step()
+        train_step(model, opt, *to_tensors(cat, dense, y), 10.0)
         n += len(y)
     return n, time.perf_counter() - t0
 
 
 def _epoch_bare(model, opt, batches) -> tuple[int, float]:
-    import torch.nn.functional as F
-    from torch import nn
+    from model.train import train_step
 
     t0 = time.perf_counter()
     n = 0
     for c, d, t in batches:
-        loss = F.binary_cross_entropy_with_logits(model(c, d), t)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), 10.0)
-        opt.step()
+        train_step(model, opt, c, d, t, 10.0)
         n += len(t)
     return n, time.perf_counter() - t0
 
@@ -128,19 +116,25 @@ def throughput(
                     n, s = _epoch_bare(model, opt, bare)
                     bare_rates.append(n / s)
                 p, b = float(np.median(pipe_rates)), float(np.median(bare_rates))
+                # Each pipeline epoch is paired with the bare epoch right after it; the median of
+                # the pair ratios cancels slow periods of a shared machine that hit both.
+                pair = [bb / pp - 1.0 for pp, bb in zip(pipe_rates, bare_rates, strict=True)]
                 results.append({
                     "level": level,
                     "arch": arch,
                     "mflops_per_example": model_flops(cfg, cards, nd).total / 1e6,
                     "pipeline_examples_per_s": p,
                     "bare_examples_per_s": b,
-                    "pipeline_overhead": b / p - 1.0,
+                    "pipeline_overhead": float(np.median(pair)),
+                    "pipeline_overhead_range": [min(pair), max(pair)],
                     "pipeline_runs": pipe_rates,
                     "bare_runs": bare_rates,
                 })
                 r = results[-1]
+                lo, hi = r["pipeline_overhead_range"]
                 print(f"{level:<7} {arch:<8} {r['mflops_per_example']:8.3f} "
-                      f"{p:12,.0f} {b:12,.0f} {100 * r['pipeline_overhead']:9.1f}%", flush=True)
+                      f"{p:12,.0f} {b:12,.0f} {100 * r['pipeline_overhead']:9.1f}% "
+                      f"[{100 * lo:5.1f}, {100 * hi:5.1f}]", flush=True)
     return {
         "benchmark": "train-throughput",
         "rows": train_rows,
@@ -210,7 +204,7 @@ def memory(rows: int, factor: int, arch: str, level: str, cache: Path) -> dict[s
 
 def main_throughput(args: Any) -> None:
     print(f"{'level':<7} {'arch':<8} {'MFLOPs':>8} {'pipeline/s':>12} {'bare/s':>12} "
-          f"{'overhead':>10}")
+          f"{'overhead':>10} {'pair range':>14}")
     res = throughput(args.rows, args.repeats, args.batch_size, args.archs.split(","),
                      args.levels.split(","))
     print(f"max pipeline overhead: {100 * res['max_overhead']:.1f}% (limit 30%)")

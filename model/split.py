@@ -107,6 +107,13 @@ class TimeCutoffs:
         s = self.spec
         self.valid_start = float(np.quantile(self.sample, 1.0 - s.valid_frac - s.test_frac))
         self.test_start = float(np.quantile(self.sample, 1.0 - s.test_frac))
+        first_cut = self.valid_start if s.valid_frac > 0 else self.test_start
+        if first_cut <= float(self.sample.min()):
+            distinct = np.unique(self.sample).size
+            raise ValueError(
+                f"time split: column {s.time_column!r} has too few distinct times ({distinct}) "
+                "to leave any training rows before the validation cut-off; use --split random"
+            )
         return self
 
     def assign(self, times: np.ndarray) -> np.ndarray:

@@ -112,6 +112,24 @@ def evaluate(model: nn.Module, shards: list[Shard], batch_size: int) -> dict[str
     return {"auc": float(auc), "logloss": float(log_loss(y, p)), "rows": int(y.size)}
 
 
+def train_step(
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    cat: torch.Tensor,
+    dense: torch.Tensor,
+    labels: torch.Tensor,
+    grad_clip_norm: float,
+) -> torch.Tensor:
+    """One optimiser step on a batch; returns the (detached) mean BCE loss."""
+    loss = F.binary_cross_entropy_with_logits(model(cat, dense), labels)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip_norm > 0:
+        nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm)
+    opt.step()
+    return loss.detach()
+
+
 def _monitor(m: dict[str, float]) -> float:
     """The number early stopping maximises: valid AUC, or -logloss if AUC is undefined."""
     return m["auc"] if math.isfinite(m["auc"]) else -m["logloss"]
@@ -139,15 +157,9 @@ def fit(
                    disable=(not cfg.progress) if cfg.progress is not None else None,
                    file=sys.stderr)
         for cat, dense, y in iter_batches(data.shards["train"], cfg.batch_size, True, rng):
-            c, d, t = to_tensors(cat, dense, y)
-            loss = F.binary_cross_entropy_with_logits(model(c, d), t)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip_norm > 0:
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip_norm)
-            opt.step()
+            loss = train_step(model, opt, *to_tensors(cat, dense, y), cfg.grad_clip_norm)
             seen += len(y)
-            loss_sum += float(loss.detach()) * len(y)
+            loss_sum += float(loss) * len(y)
             bar.update(1)
             if bar.n % 20 == 0:
                 rate = seen / max(time.perf_counter() - t0, 1e-9)

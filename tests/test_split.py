@@ -51,3 +51,9 @@ def test_time_split_reservoir_is_bounded() -> None:
 def test_bad_split_specs(kw) -> None:
     with pytest.raises(ValueError):
         SplitSpec(**kw)
+
+
+def test_time_split_with_one_timestamp_is_refused() -> None:
+    spec = SplitSpec(kind="time", valid_frac=0.1, test_frac=0.1, time_column="hour")
+    with pytest.raises(ValueError, match="too few distinct times"):
+        fit_time_cutoffs(spec, [np.full(100, 14102100)])
