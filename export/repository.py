@@ -1,0 +1,510 @@
+"""The model repository on disk: its layout, the ``model.json`` format, a reader and the writer's
+atomic-publish helpers. numpy and the numpy-only feature encoders only: no torch, no onnx
+(``onnxruntime`` is imported only by :meth:`ModelVersion.open_session` and by
+``ModelVersion.verify(check_graph=True)``), so the scoring service can import this module.
+
+Layout::
+
+    MODELS_DIR/<name>/<version>/model.onnx   the graph (inputs cat_ids, dense; output probability)
+    MODELS_DIR/<name>/<version>/model.json   everything needed to serve it (fields below)
+
+Visibility rules (servers and :class:`ModelRepository` follow them):
+
+- ``<name>`` matches ``NAME_PATTERN``: a letter or digit first, then letters, digits, ``.``,
+  ``_`` or ``-``.
+- ``<version>`` is a positive integer written without leading zeros (``1``, ``2``, ``10``);
+  "latest" is the largest number.
+- **Entries whose name starts with a dot are never models or versions.** The exporter writes a
+  new version into a dot-prefixed staging folder inside ``MODELS_DIR/<name>`` (``.export-…``)
+  and publishes it with one ``os.rename`` to ``<version>``, so a version folder appears complete
+  or not at all. A dot folder left behind by a killed export is garbage, safe to delete when no
+  export is running. Any other entry (files, other names) is ignored as well.
+
+``model.json`` (``META_FORMAT_VERSION`` 1), all keys always present:
+
+format_version
+    1.
+created_at
+    UTC time of the export, ISO 8601 (``2025-01-31T12:00:00Z``).
+model_file, sha256, bytes
+    ``model.onnx``, its content hash (hex SHA-256) and size.
+precision
+    ``fp32``, or ``fp16`` (float16 inside the graph; inputs and output keep their types).
+inputs, outputs
+    One entry per tensor: ``name``, ``dtype`` (numpy name), ``datatype`` (KServe v2 name),
+    ``shape`` (``"batch"`` marks the dynamic axis), ``description``. The inputs are always
+    exactly ``cat_ids`` int64 (batch, F_cat) and ``dense`` float32 (batch, F_num), in that
+    order, even when F_cat or F_num is 0 (feed a (B, 0) array); the output is ``probability``
+    float32 (batch,) = sigmoid(logit).
+model
+    ``arch``, ``config`` (``ModelConfig.to_dict()``), ``cardinalities``, ``num_dense``.
+schema
+    The feature schema (``FeatureSchema.to_dict()``; equal to the encoders' schema).
+encoders
+    ``FeatureEncoders.to_dict()``: ``FeatureEncoders.from_dict(meta["encoders"])`` turns raw
+    request columns into the two inputs, with no torch.
+cost
+    ``flops_per_example``, ``matmul_flops_per_example``, ``params`` (``model.flops``).
+metrics
+    The run's training metrics: ``valid`` and ``test`` (auc, logloss, rows), ``bayes_auc``
+    (synthetic data, else null), ``epochs_run``, ``best_epoch``, ``train_examples_per_s``.
+parity
+    ONNX Runtime against PyTorch fp32 at export: ``provider``, ``precision``, ``tolerance``,
+    ``max_abs_diff``, ``checks`` (input kind, batch size, real rows, max abs diff each), and
+    the AUC on the validation rows (``auc_torch``, ``auc_onnx``, ``auc_change``).
+onnx
+    ``opset``, ``ir_version``, ``exporter`` and the torch/onnx/onnxruntime versions.
+source
+    The run folder and the SHA-256 of its checkpoint.
+
+Non-finite numbers are written as ``null`` (the file is strict JSON).
+
+Example:
+    >>> import tempfile
+    >>> root = Path(tempfile.mkdtemp())
+    >>> for folder in ("ctr/1", "ctr/2", "ctr/.export-12-ab", "ctr/notes"):
+    ...     (root / folder).mkdir(parents=True)
+    >>> repo = ModelRepository(root)
+    >>> [(v.name, v.version) for v in repo.list()]
+    [('ctr', 1), ('ctr', 2)]
+    >>> repo.load_version("ctr").version, repo.next_version("ctr")
+    (2, 3)
+    >>> shutil.rmtree(root)
+    >>> check_name(".hidden")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    export.repository.RepositoryError: model name '.hidden' is not valid: ...
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import math
+import os
+import re
+import secrets
+import shutil
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from model.encoders import FeatureEncoders
+from model.schema import SchemaError
+
+MODEL_FILE = "model.onnx"
+META_FILE = "model.json"
+META_FORMAT_VERSION = 1
+STAGING_PREFIX = ".export-"
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+PRECISIONS: tuple[str, ...] = ("fp32", "fp16")
+BATCH_AXIS = "batch"
+INPUT_NAMES: tuple[str, str] = ("cat_ids", "dense")
+OUTPUT_NAME = "probability"
+# numpy dtype name -> (ONNX Runtime type string, KServe v2 datatype)
+DTYPES: dict[str, tuple[str, str]] = {
+    "int64": ("tensor(int64)", "INT64"),
+    "float32": ("tensor(float)", "FP32"),
+}
+META_KEYS: tuple[str, ...] = (
+    "format_version", "created_at", "model_file", "sha256", "bytes", "precision", "inputs",
+    "outputs", "model", "schema", "encoders", "cost", "metrics", "parity", "onnx", "source",
+)
+
+
+class RepositoryError(ValueError):
+    """A model repository, version folder or model.json that cannot be used; names the file."""
+
+
+def check_name(name: str) -> str:
+    """Return ``name`` if it is a valid model name (``NAME_PATTERN``); else RepositoryError."""
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
+        raise RepositoryError(
+            f"model name {name!r} is not valid: use 1-128 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+def check_version(version: int | None) -> int | None:
+    """Return ``version`` if it is None or an integer >= 1, else raise RepositoryError."""
+    if version is None:
+        return None
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise RepositoryError(f"version must be an integer >= 1, got {version!r}")
+    return version
+
+
+def parse_version(folder_name: str) -> int | None:
+    """The version number a folder name stands for, or None if it is not a version folder.
+
+    Example:
+        >>> parse_version("3"), parse_version("03"), parse_version(".export-1"), parse_version("0")
+        (3, None, None, None)
+    """
+    if not folder_name.isdigit() or not folder_name.isascii():
+        return None
+    number = int(folder_name)
+    return number if number >= 1 and str(number) == folder_name else None
+
+
+def io_spec(num_cat: int, num_dense: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The (inputs, outputs) entries of model.json for a layout of F_cat and F_num fields.
+
+    Example:
+        >>> inputs, outputs = io_spec(26, 13)
+        >>> [(i["name"], i["dtype"], i["shape"]) for i in inputs]
+        [('cat_ids', 'int64', ['batch', 26]), ('dense', 'float32', ['batch', 13])]
+        >>> outputs[0]["name"], outputs[0]["datatype"], outputs[0]["shape"]
+        ('probability', 'FP32', ['batch'])
+    """
+
+    def entry(name: str, dtype: str, shape: list[Any], description: str) -> dict[str, Any]:
+        return {"name": name, "dtype": dtype, "datatype": DTYPES[dtype][1], "shape": shape,
+                "description": description}
+
+    inputs = [
+        entry(INPUT_NAMES[0], "int64", [BATCH_AXIS, num_cat],
+              "one id per categorical field in schema order, column j in "
+              "[0, cardinalities[j]); 0 is the missing/out-of-vocabulary id"),
+        entry(INPUT_NAMES[1], "float32", [BATCH_AXIS, num_dense],
+              "numeric fields in schema order, transformed, clipped and standardised by the "
+              "encoders"),
+    ]
+    outputs = [entry(OUTPUT_NAME, "float32", [BATCH_AXIS],
+                     "click probability per row, sigmoid(logit)")]
+    return inputs, outputs
+
+
+def utc_now() -> str:
+    """The current UTC time as ISO 8601 with a ``Z`` suffix, to the second."""
+    return datetime.now(timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+def sha256_file(path: str | Path, block: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with NaN and ±inf replaced by None, so that it serialises as strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def _fail(path: Path, problem: str) -> RepositoryError:
+    return RepositoryError(f"{path}: {problem}")
+
+
+def validate_meta(meta: Any, where: Path) -> dict[str, Any]:
+    """Check a parsed model.json's structure and internal consistency; return it.
+
+    Consistent means: every key of ``META_KEYS`` is there; the encoders parse, their schema is
+    ``schema``, their layout is ``model.cardinalities`` / ``model.num_dense``; ``inputs`` and
+    ``outputs`` are exactly ``io_spec`` of that layout (names, dtypes and shapes). Raises
+    RepositoryError naming ``where`` and the problem.
+    """
+    if not isinstance(meta, dict):
+        raise _fail(where, "is not a JSON object")
+    if meta.get("format_version") != META_FORMAT_VERSION:
+        raise _fail(where, f"format_version {meta.get('format_version')!r} is not supported "
+                           f"(expected {META_FORMAT_VERSION})")
+    missing = [k for k in META_KEYS if k not in meta]
+    if missing:
+        raise _fail(where, f"missing keys {missing}")
+    if meta["precision"] not in PRECISIONS:
+        raise _fail(where, f"precision must be one of {PRECISIONS}, got {meta['precision']!r}")
+    if meta["model_file"] != MODEL_FILE:
+        raise _fail(where, f"model_file must be {MODEL_FILE!r}, got {meta['model_file']!r}")
+    sha = meta["sha256"]
+    if not isinstance(sha, str) or not re.fullmatch(r"[0-9a-f]{64}", sha):
+        raise _fail(where, f"sha256 must be 64 lowercase hex digits, got {sha!r}")
+    try:
+        encoders = FeatureEncoders.from_dict(meta["encoders"])
+    except (SchemaError, AttributeError, TypeError) as e:
+        raise _fail(where, f"encoders are not valid: {e}") from None
+    if encoders.schema.to_dict() != meta["schema"]:
+        raise _fail(where, "schema disagrees with the encoders' schema")
+    for key in ("cost", "metrics", "parity", "onnx", "source"):
+        if not isinstance(meta[key], dict):
+            raise _fail(where, f"{key} must be an object, got {type(meta[key]).__name__}")
+    model = meta["model"]
+    if not isinstance(model, dict) or not {"arch", "config", "cardinalities", "num_dense"} <= set(
+        model
+    ):
+        raise _fail(where, "model must have arch, config, cardinalities and num_dense")
+    if model["cardinalities"] != encoders.cardinalities or model["num_dense"] != encoders.num_dense:
+        raise _fail(
+            where,
+            f"encoders give cardinalities {encoders.cardinalities} and {encoders.num_dense} dense "
+            f"features, model says {model['cardinalities']} and {model['num_dense']}",
+        )
+    inputs, outputs = io_spec(len(encoders.cardinalities), encoders.num_dense)
+    for key, want in (("inputs", inputs), ("outputs", outputs)):
+        got = meta[key]
+        summary = [(t.get("name"), t.get("dtype"), t.get("shape")) for t in got] if isinstance(
+            got, list) and all(isinstance(t, dict) for t in got) else got
+        expected = [(t["name"], t["dtype"], t["shape"]) for t in want]
+        if summary != expected:
+            raise _fail(where, f"{key} {summary} disagree with the feature layout: expected "
+                               f"{expected}")
+    return meta
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    """One version folder of the repository; model.json is read lazily (and cached).
+
+    Attributes:
+        name: the model name (``MODELS_DIR/<name>``).
+        version: the version number (``MODELS_DIR/<name>/<version>``).
+        path: the version folder.
+    """
+
+    name: str
+    version: int
+    path: Path
+
+    @property
+    def onnx_path(self) -> Path:
+        """``<version folder>/model.onnx``."""
+        return self.path / MODEL_FILE
+
+    @property
+    def meta_path(self) -> Path:
+        """``<version folder>/model.json``."""
+        return self.path / META_FILE
+
+    @cached_property
+    def meta(self) -> dict[str, Any]:
+        """The parsed and structurally checked model.json (RepositoryError if unusable)."""
+        try:
+            text = self.meta_path.read_text()
+        except OSError as e:
+            raise _fail(self.meta_path, f"cannot read: {e.strerror or e}") from None
+        try:
+            data = json.loads(text)
+        except ValueError as e:
+            raise _fail(self.meta_path, f"is not valid JSON: {e}") from None
+        return validate_meta(data, self.meta_path)
+
+    @cached_property
+    def encoders(self) -> FeatureEncoders:
+        """The fitted feature encoders: raw request columns → (cat_ids, dense)."""
+        return FeatureEncoders.from_dict(self.meta["encoders"])
+
+    @property
+    def precision(self) -> str:
+        """``fp32`` or ``fp16``."""
+        return str(self.meta["precision"])
+
+    @property
+    def inputs(self) -> list[dict[str, Any]]:
+        """model.json's input tensors (name, dtype, datatype, shape, description)."""
+        return list(self.meta["inputs"])
+
+    @property
+    def outputs(self) -> list[dict[str, Any]]:
+        """model.json's output tensors."""
+        return list(self.meta["outputs"])
+
+    def open_session(
+        self, providers: tuple[str, ...] = ("CPUExecutionProvider",), options: Any = None
+    ) -> Any:
+        """An ``onnxruntime.InferenceSession`` on model.onnx (RepositoryError if it won't load)."""
+        import onnxruntime as ort
+
+        try:
+            return ort.InferenceSession(str(self.onnx_path), sess_options=options,
+                                        providers=list(providers))
+        except Exception as e:  # ORT raises its own exception types
+            raise _fail(self.onnx_path, f"ONNX Runtime cannot load it: {e}") from None
+
+    def verify(self, check_graph: bool = True, session: Any = None) -> ModelVersion:
+        """Check that this version can be served as model.json describes it; return self.
+
+        Checks: model.json is valid and consistent (see ``validate_meta``); model.onnx exists and
+        its size and SHA-256 equal model.json's ``bytes`` and ``sha256``; with ``check_graph``,
+        ONNX Runtime loads the graph (or ``session``, one the caller already opened on it, is
+        used) and its inputs and outputs (names, order, types, shapes) are those of model.json.
+        Raises RepositoryError naming the file and the problem.
+        """
+        meta = self.meta
+        if not self.onnx_path.is_file():
+            raise _fail(self.onnx_path, "is missing")
+        size = self.onnx_path.stat().st_size
+        if size != meta["bytes"]:
+            raise _fail(self.onnx_path, f"has {size} bytes, {META_FILE} says {meta['bytes']}")
+        digest = sha256_file(self.onnx_path)
+        if digest != meta["sha256"]:
+            raise _fail(self.onnx_path, f"sha256 {digest} does not match {META_FILE}'s "
+                                        f"{meta['sha256']} (the file was changed or replaced)")
+        if check_graph:
+            session = session if session is not None else self.open_session()
+            for key, tensors in (("inputs", session.get_inputs()),
+                                 ("outputs", session.get_outputs())):
+                got = [(t.name, t.type, list(t.shape)) for t in tensors]
+                want = [(t["name"], DTYPES[t["dtype"]][0], t["shape"]) for t in meta[key]]
+                if got != want:
+                    raise _fail(self.onnx_path, f"graph {key} {got} do not match {META_FILE}'s "
+                                                f"{want}")
+        return self
+
+    def summary(self) -> dict[str, Any]:
+        """One row for listings: name, version, arch, precision, FLOPs, AUC, parity, created."""
+        meta = self.meta
+        return {
+            "name": self.name,
+            "version": self.version,
+            "arch": meta["model"]["arch"],
+            "precision": meta["precision"],
+            "flops_per_example": meta["cost"].get("flops_per_example"),
+            "params": meta["cost"].get("params"),
+            "valid_auc": (meta["metrics"].get("valid") or {}).get("auc"),
+            "test_auc": (meta["metrics"].get("test") or {}).get("auc"),
+            "parity_max_abs_diff": meta["parity"].get("max_abs_diff"),
+            "created_at": meta["created_at"],
+        }
+
+
+class ModelRepository:
+    """Read access to ``MODELS_DIR`` (see the module docstring for the layout and visibility).
+
+    Args:
+        path: the repository folder, ``MODELS_DIR``.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"ModelRepository({str(self.path)!r})"
+
+    def _require(self) -> None:
+        if not self.path.is_dir():
+            raise RepositoryError(f"model repository {self.path} does not exist or is not a folder")
+
+    def names(self) -> list[str]:
+        """Model names with at least one version, sorted."""
+        self._require()
+        return sorted(
+            p.name for p in self.path.iterdir()
+            if p.is_dir() and NAME_PATTERN.fullmatch(p.name) and self.versions(p.name)
+        )
+
+    def versions(self, name: str) -> list[int]:
+        """Version numbers of ``name``, ascending (empty if the model does not exist)."""
+        self._require()
+        folder = self.path / check_name(name)
+        if not folder.is_dir():
+            return []
+        return sorted(
+            v for p in folder.iterdir() if p.is_dir() and (v := parse_version(p.name)) is not None
+        )
+
+    def next_version(self, name: str) -> int:
+        """The number a new version of ``name`` gets: the largest existing one + 1 (or 1)."""
+        if not self.path.is_dir():
+            return 1
+        return max(self.versions(name), default=0) + 1
+
+    def list(self, name: str | None = None) -> list[ModelVersion]:
+        """Every visible version (of ``name`` only, if given), sorted by name then version."""
+        names = self.names() if name is None else [check_name(name)]
+        return [ModelVersion(n, v, self.path / n / str(v)) for n in names for v in self.versions(n)]
+
+    def load_version(self, name: str, version: int | None = None) -> ModelVersion:
+        """Version ``version`` of ``name`` (the latest by default); RepositoryError if absent."""
+        versions = self.versions(name)
+        if not versions:
+            raise RepositoryError(f"{self.path}: no model named {name!r} (models: {self.names()})")
+        if version is None:
+            version = versions[-1]
+        elif check_version(version) not in versions:
+            raise RepositoryError(
+                f"{self.path / name}: no version {version} (versions: {versions})"
+            )
+        return ModelVersion(name, version, self.path / name / str(version))
+
+
+@contextlib.contextmanager
+def staging_dir(repo: str | Path, name: str) -> Iterator[Path]:
+    """A fresh dot-prefixed folder in ``repo/name`` to write a version into.
+
+    On an exception (or KeyboardInterrupt) the folder is removed, and so are ``repo`` and
+    ``repo/name`` if this call created them and they are empty, before the exception goes on.
+    Publish the folder with :func:`publish` inside the ``with`` block.
+    """
+    repo = Path(repo)
+    model_dir = repo / check_name(name)
+    created = [d for d in (repo, model_dir) if not d.exists()]
+    model_dir.mkdir(parents=True, exist_ok=True)
+    tmp = model_dir / f"{STAGING_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        for d in reversed(created):
+            with contextlib.suppress(OSError):
+                d.rmdir()
+        raise
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def publish(staging: Path, model_dir: Path, version: int | None = None, attempts: int = 5) -> Path:
+    """Make a staged version visible with one ``os.rename``; return the version folder.
+
+    ``version`` None takes the next free number (largest + 1, chosen now; retried if another
+    export takes it first). An explicit version that exists is an error. The staged files and
+    the folder are fsynced first, so the version is durable once visible.
+    """
+    check_version(version)
+    for entry in staging.iterdir():
+        _fsync(entry)
+    _fsync(staging)
+    repo = ModelRepository(model_dir.parent)
+    for _ in range(attempts):
+        number = version if version is not None else repo.next_version(model_dir.name)
+        final = model_dir / str(number)
+        if final.exists():
+            if version is not None:
+                raise RepositoryError(f"{final} already exists (versions are immutable)")
+            continue
+        try:
+            os.rename(staging, final)
+        except OSError as e:
+            if e.errno in (errno.EEXIST, errno.ENOTEMPTY) and version is None:
+                continue
+            raise RepositoryError(f"cannot publish {staging} as {final}: {e.strerror or e}") from e
+        _fsync(model_dir)
+        return final
+    raise RepositoryError(f"{model_dir}: could not claim a new version number in {attempts} tries")
+
+
+def write_meta(path: Path, meta: dict[str, Any]) -> None:
+    """Write model.json (strict JSON, non-finite numbers as null) after ``validate_meta``."""
+    safe = json_safe(meta)
+    validate_meta(safe, path)
+    path.write_text(json.dumps(safe, indent=2, allow_nan=False) + "\n")
