@@ -6,7 +6,8 @@
     mldcn presets print the matched-FLOPs presets for a data layout
     mldcn export  export a run folder to the model repository as parity-checked ONNX
     mldcn models  list the model repository (``mldcn models list MODELS_DIR``)
-    mldcn bench   training benchmarks (pipeline overhead, peak memory)
+    mldcn serve   run the scoring service on a model repository (FastAPI + ONNX Runtime)
+    mldcn bench   benchmarks: training (pipeline overhead, peak memory), serving latency
 
 Expected errors (bad paths, unknown architectures, malformed rows, schema mismatches) end with
 one line ``mldcn: error: ...`` on stderr and exit status 2, never a traceback (set
@@ -257,6 +258,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--level", default="small")
     p.add_argument("--out", help="JSON output path")
     p.set_defaults(func=lambda a: _bench("main_memory", a))
+
+    from service.cli import add_serve_commands  # argparse only; the service loads on use
+
+    add_serve_commands(sub, bsub)
     return parser
 
 

@@ -1,0 +1,340 @@
+"""The HTTP layer: FastAPI routes, the request-edge middleware, error bodies, lifespan.
+
+Routes:
+  POST /v1/score                    score candidates (:mod:`service.scoring`)
+  GET  /v2                          KServe v2 server metadata
+  GET  /v2/health/live              200 while the process runs
+  GET  /v2/health/ready             200 once every model is loaded and warmed up, else 503
+  GET  /v2/models/{name}            model metadata (KServe v2 + serving details), 404 if unknown
+  GET  /v2/models/{name}/ready      200 / 503 / 404
+  GET  /metrics                     Prometheus text format
+
+Every error body is an :class:`~service.schemas.ErrorResponse` naming the field and the reason;
+bad input is a 4xx, never a 500 or a stack trace. The edge middleware stamps the arrival time
+(the deadline's origin), enforces ``max_body_bytes`` (413) before the body is parsed, and counts
+``/v1/score`` requests by model and status code.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, Header, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service.metrics import UNKNOWN_MODEL, Metrics
+from service.schemas import (
+    UNION_TAGS,
+    ErrorDetail,
+    ErrorResponse,
+    ModelMetadata,
+    ScoreRequest,
+    ScoreResponse,
+)
+from service.scoring import ClientDisconnected, ScoringService, ServiceError
+from service.settings import Settings, get_settings
+
+log = logging.getLogger("uvicorn.error")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+ASGIApp = Callable[[Scope, Callable[[], Awaitable[Message]], Callable[[Message], Awaitable[None]]],
+                   Awaitable[None]]
+SCORE_PATH = "/v1/score"
+CLIENT_CLOSED = 499  # nginx's code for "client closed the request"; never reaches the client
+_UNION_MEMBERS = {"constrained-str", "str", "bool", "int", "float", "none"}
+
+
+def error_body(status: int, error: str, message: str, errors: list[ErrorDetail] | None = None,
+               headers: dict[str, str] | None = None) -> JSONResponse:
+    """A JSON error response with an ErrorResponse body."""
+    body = ErrorResponse(error=error, message=message, errors=errors or [])
+    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+
+
+def field_path(loc: tuple[Any, ...] | list[Any]) -> str:
+    """pydantic's error location as a dotted path: ``candidates[3].price``, ``user.age``."""
+    parts = list(loc)
+    if parts and parts[0] in ("body", "header", "query", "path") and len(parts) > 1:
+        parts.pop(0)
+    if len(parts) >= 2 and parts[0] == "candidates" and parts[1] in UNION_TAGS:
+        del parts[1]
+    if len(parts) > 1 and parts[-1] in _UNION_MEMBERS:
+        parts.pop()
+    path = ""
+    for p in parts:
+        path += f"[{p}]" if isinstance(p, int) else ("." if path else "") + str(p)
+    return path
+
+
+def validation_details(errors: list[dict[str, Any]]) -> list[ErrorDetail]:
+    """One detail per field; a value that matches no allowed type gets one clear message."""
+    grouped: dict[str, list[dict[str, Any]]] = {}
+    for e in errors:
+        if e.get("type") == "json_invalid":  # loc is ("body", character position)
+            where = e.get("loc", ())[-1]
+            why = (e.get("ctx") or {}).get("error", "")
+            e = {**e, "msg": f"invalid JSON at character {where}: {why}".rstrip(": ")}
+            grouped.setdefault("body", []).append(e)
+            continue
+        if e.get("type") == "model_attributes_type" and tuple(e.get("loc", ())) == ("body",):
+            e = {**e, "msg": "the body must be a JSON object (Content-Type: application/json)"}
+        grouped.setdefault(field_path(e.get("loc", ())), []).append(e)
+    out = []
+    for path, errs in grouped.items():
+        specific = [e for e in errs if e.get("type") in ("string_too_long", "finite_number")]
+        if specific:
+            msg = specific[0]["msg"]
+        elif len(errs) > 1:
+            msg = "must be a string, integer, boolean, finite number or null"
+        else:
+            msg = errs[0]["msg"]
+        out.append(ErrorDetail(field=path or None, message=msg))
+    return out
+
+
+class EdgeMiddleware:
+    """Arrival time, body-size limit (413) and request metrics, as plain ASGI."""
+
+    def __init__(self, app: ASGIApp, max_body_bytes: int, metrics: Metrics,
+                 service: ScoringService) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+        self.metrics = metrics
+        self.service = service
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        arrival_s = time.monotonic()
+        state = scope.setdefault("state", {})
+        state["arrival_s"] = arrival_s
+        counted = scope["path"] == SCORE_PATH
+        status = [500]
+
+        async def send_status(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        if counted:
+            self.metrics.in_flight.inc()
+        try:
+            if counted and await self._shed(scope, receive, send_status, state):
+                return
+            receive = await self._limit_body(scope, receive, send_status)
+            if receive is not None:
+                await self.app(scope, receive, send_status)
+        finally:
+            if counted:
+                self.metrics.in_flight.dec()
+                model, code = state.get("model", UNKNOWN_MODEL), str(status[0])
+                self.metrics.requests.labels(model=model, code=code).inc()
+                self.metrics.request_duration.labels(model=model, code=code).observe(
+                    time.monotonic() - arrival_s)
+
+    async def _shed(self, scope: Scope, receive: Any, send: Any, state: dict[str, Any]) -> bool:
+        """Answer 503 at once, without reading the body, when the server is overloaded."""
+        header = None
+        for key, value in scope.get("headers", ()):
+            if key == b"x-request-timeout-ms":
+                try:
+                    header = float(value)
+                except ValueError:
+                    return False  # the route answers 422
+        if header is not None and not header > 0:
+            return False
+        error = self.service.shed_early(state["arrival_s"], header)
+        if error is None:
+            return False
+        state["model"] = self.service.resolve(None).name
+        await error_body(error.status, error.error, error.message, headers=error.headers)(
+            scope, receive, send)
+        return True
+
+    async def _limit_body(self, scope: Scope, receive: Any, send: Any) -> Any:
+        """``receive`` to pass on, or None when an error was answered already."""
+        length = None
+        for key, value in scope.get("headers", ()):
+            if key == b"content-length":
+                length = value
+        limit = self.max_body_bytes
+        if length is not None:
+            if not length.isdigit():
+                await error_body(400, "invalid_request", "Content-Length is not a number")(
+                    scope, receive, send)
+                return None
+            if int(length) > limit:
+                await self._too_large(scope, receive, send, int(length))
+                return None
+            return receive  # the HTTP server stops reading at Content-Length
+        if scope.get("method") not in ("POST", "PUT", "PATCH"):
+            return receive
+        chunks, size = [], 0  # chunked upload: read it here, within the limit
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return None  # disconnected
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > limit:
+                await self._too_large(scope, receive, send, size)
+                return None
+            if not message.get("more_body", False):
+                break
+        replay = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+
+        async def replay_receive() -> Message:
+            return replay.pop() if replay else await receive()
+
+        return replay_receive
+
+    async def _too_large(self, scope: Scope, receive: Any, send: Any, size: int) -> None:
+        await error_body(413, "body_too_large",
+                         f"request body of {size} bytes exceeds max_body_bytes "
+                         f"({self.max_body_bytes})")(scope, receive, send)
+
+
+def get_service(request: Request) -> ScoringService:
+    return request.app.state.service
+
+
+ServiceDep = Annotated[ScoringService, Depends(get_service)]
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse, "description": what} for code, what in {
+        404: "unknown model", 413: "body too large", 422: "invalid request (names the field)",
+        503: "rejected: queue full or predicted deadline miss (Retry-After)",
+        504: "deadline exceeded before the request was scored",
+    }.items()
+}
+
+
+async def score(
+    body: ScoreRequest,
+    request: Request,
+    service: ServiceDep,
+    x_request_timeout_ms: Annotated[float | None, Header(gt=0, allow_inf_nan=False)] = None,
+) -> Response:
+    """Score the candidates for one user and context; scores come back in candidate order."""
+    model = service.resolve(body.model)
+    request.state.model = model.name
+    result = await service.score(model, body, request.state.arrival_s, x_request_timeout_ms,
+                                 request.receive)
+    return Response(result.model_dump_json(), media_type="application/json")
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The ASGI app; models load and warm up in its lifespan (uvicorn's start-up)."""
+    settings = settings or get_settings()
+    metrics = Metrics()
+    service = ScoringService(settings, metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await service.start()
+        try:
+            yield
+        finally:
+            await service.stop()
+            metrics.process_exit()
+
+    app = FastAPI(title="mldcn scoring service", version="1", lifespan=lifespan,
+                  description="Scores ad candidates with ML-DCN / DCNv2 ONNX models under a "
+                              "latency budget.")
+    app.state.service = service
+    app.add_middleware(EdgeMiddleware, max_body_bytes=settings.max_body_bytes, metrics=metrics,
+                       service=service)
+    app.add_api_route(SCORE_PATH, score, methods=["POST"], response_model=ScoreResponse,
+                      responses=ERROR_RESPONSES, tags=["scoring"])
+
+    @app.exception_handler(ServiceError)
+    async def _service_error(request: Request, e: ServiceError) -> Response:
+        details = [ErrorDetail(field=e.field, message=e.message)] if e.field else []
+        return error_body(e.status, e.error, e.message, details, e.headers)
+
+    @app.exception_handler(ClientDisconnected)
+    async def _gone(request: Request, e: ClientDisconnected) -> Response:
+        return Response(status_code=CLIENT_CLOSED)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, e: RequestValidationError) -> Response:
+        details = validation_details(list(e.errors()))
+        first = details[0] if details else ErrorDetail(message="invalid request")
+        message = f"{first.field}: {first.message}" if first.field else first.message
+        return error_body(422, "invalid_request", message, details)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, e: StarletteHTTPException) -> Response:
+        return error_body(e.status_code, "http_error", str(e.detail),
+                          headers=getattr(e, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, e: Exception) -> Response:
+        log.exception("unhandled error on %s", request.url.path)
+        return error_body(500, "internal_error", "internal server error")
+
+    @app.get("/v2", tags=["kserve-v2"])
+    async def server_metadata() -> dict[str, Any]:
+        return {"name": "mldcn", "version": app.version, "extensions": []}
+
+    @app.get("/v2/health/live", tags=["kserve-v2"])
+    async def live() -> dict[str, bool]:
+        return {"live": True}
+
+    @app.get("/v2/health/ready", tags=["kserve-v2"], responses={503: {"model": ErrorResponse}})
+    async def ready(service: ServiceDep) -> Response:
+        if not service.ready:
+            return error_body(503, "not_ready", "models are loading or the server is draining")
+        return JSONResponse({"ready": True})
+
+    def _model(service: ScoringService, name: str) -> Any:
+        m = service.models.get(name)
+        if m is None:
+            raise ServiceError(404, "model_not_found",
+                               f"no model named {name!r} (models: {sorted(service.models)})",
+                               field="name")
+        return m
+
+    @app.get("/v2/models/{name}", response_model=ModelMetadata, tags=["kserve-v2"],
+             responses={404: {"model": ErrorResponse}})
+    async def model_metadata(name: str, service: ServiceDep) -> ModelMetadata:
+        m = _model(service, name)
+        shape = [{"name": t["name"], "datatype": t["datatype"],
+                  "shape": [-1 if d == "batch" else d for d in t["shape"]]}
+                 for t in m.meta["inputs"]]
+        outputs = [{"name": t["name"], "datatype": t["datatype"], "shape": [-1]}
+                   for t in m.meta["outputs"]]
+        schema = m.encoder.encoders.schema
+        return ModelMetadata(
+            name=m.name, versions=[str(m.version)], inputs=shape, outputs=outputs,
+            parameters={
+                "version": m.version, "arch": m.arch, "precision": m.precision,
+                "provider": m.provider, "flops_per_example": m.flops_per_example,
+                "default": m.name == service.resolve(None).name,
+                "fallback": m.name == service.settings.fallback_model,
+                "features": {side: [f.name for f in schema.fields_on([side])]
+                             for side in ("user", "context", "candidate")},
+                "metrics": m.meta.get("metrics", {}),
+            })
+
+    @app.get("/v2/models/{name}/ready", tags=["kserve-v2"],
+             responses={404: {"model": ErrorResponse}, 503: {"model": ErrorResponse}})
+    async def model_ready(name: str, service: ServiceDep) -> Response:
+        m = _model(service, name)
+        if not service.ready:
+            return error_body(503, "not_ready", f"model {name!r} is not ready")
+        return JSONResponse({"name": m.name, "version": str(m.version), "ready": True})
+
+    @app.get("/metrics", tags=["monitoring"], response_class=Response)
+    async def metrics_endpoint() -> Response:
+        body, content_type = metrics.exposition()
+        return Response(body, media_type=content_type)
+
+    return app

@@ -1,0 +1,367 @@
+"""The dynamic batcher: requests' rows → ONNX Runtime batches, run off the event loop.
+
+The batcher never touches HTTP and never touches the model: it gets encoded rows, a deadline
+and a future per request (:class:`WorkItem`), and a ``run(cat_ids, dense) -> probabilities``
+function. Each request's rows go into one batch, split into chunks of at most
+``max_batch_size`` rows when it is larger; with ``dynamic_batching``, concurrent requests are
+merged into one batch up to ``max_batch_size`` rows, waiting at most ``max_queue_delay_s`` for
+more rows (0: merge what is queued when an ONNX Runtime instance becomes free, Triton's
+recommended starting point). Batches run in a thread pool of ``instance_count`` threads; ONNX
+Runtime releases the GIL, so the event loop keeps parsing and encoding meanwhile.
+
+Before a request's first rows are computed, the batcher drops it if it can no longer finish by
+its deadline (:class:`DeadlineExceeded`, answered 504) or if its client went away (its future
+was cancelled): neither is ever computed.
+
+Example:
+    >>> import asyncio
+    >>> async def demo():
+    ...     b = Batcher(lambda cat, dense: dense[:, 0] * 2, max_batch_size=4)
+    ...     b.start()
+    ...     now = time.monotonic()
+    ...     items = [b.submit(np.zeros((n, 0), np.int64), np.ones((n, 1), np.float32), now + 5)
+    ...              for n in (3, 6)]
+    ...     out = await asyncio.gather(*(i.future for i in items))
+    ...     await b.stop()
+    ...     return [o.tolist() for o in out]
+    >>> asyncio.run(demo())
+    [[2.0, 2.0, 2.0], [2.0, 2.0, 2.0, 2.0, 2.0, 2.0]]
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import math
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from service.budget import LatencyModel
+
+RunFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+
+class QueueFull(Exception):
+    """The model's queue holds ``max_queue_size`` requests already."""
+
+
+class DeadlineExceeded(Exception):
+    """The request's deadline passed (or can no longer be met) before it was computed."""
+
+
+@dataclass(eq=False)
+class WorkItem:
+    """One request's encoded rows on their way through the batcher."""
+
+    cat: np.ndarray  # (N, F_cat) int64
+    dense: np.ndarray  # (N, F_num) float32
+    deadline_s: float  # time.monotonic() deadline
+    future: asyncio.Future[np.ndarray]
+    enqueued_s: float
+    taken: int = 0  # rows handed to batches so far
+    done: int = 0  # rows scored
+    started_s: float | None = None  # when its first batch started
+    compute_s: float = 0.0  # ONNX Runtime time of the batches it was in
+    out: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.out = np.empty(len(self.cat), dtype=np.float32)
+
+    @property
+    def rows(self) -> int:
+        return len(self.cat)
+
+    @property
+    def queue_s(self) -> float:
+        """Seconds from enqueueing to its first batch."""
+        return (self.started_s or self.enqueued_s) - self.enqueued_s
+
+
+Part = tuple[WorkItem, int, int]  # (item, first row, end row)
+
+
+def take_batch(
+    queue: deque[WorkItem],
+    max_rows: int,
+    now_s: float,
+    merge: bool = True,
+    estimate_s: Callable[[int], float] = lambda rows: 0.0,
+) -> tuple[list[Part], list[WorkItem]]:
+    """Move up to ``max_rows`` rows from the head of ``queue`` into one batch.
+
+    Returns (parts, expired). A request larger than the room left contributes a chunk and stays
+    at the head with its remaining rows. Cancelled requests are dropped; requests not yet started
+    whose deadline cannot be met (``now_s + estimate_s(rows) > deadline``), and started ones
+    whose deadline has passed, are removed and returned as ``expired``. Without ``merge`` the
+    batch holds one request (or one chunk of it).
+
+    Example:
+        >>> loop = asyncio.new_event_loop()
+        >>> def item(n, deadline=10.0):
+        ...     return WorkItem(np.zeros((n, 1), np.int64), np.zeros((n, 0), np.float32),
+        ...                     deadline, loop.create_future(), 0.0)
+        >>> q = deque([item(3), item(1, deadline=0.5), item(4)])
+        >>> parts, expired = take_batch(q, 5, now_s=1.0)
+        >>> [(p[0].rows, p[1], p[2]) for p in parts], [e.rows for e in expired], len(q)
+        ([(3, 0, 3), (4, 0, 2)], [1], 1)
+        >>> loop.close()
+    """
+    parts: list[Part] = []
+    expired: list[WorkItem] = []
+    room = max_rows
+    while queue and room > 0:
+        item = queue[0]
+        if item.future.done():  # cancelled by its client (or failed)
+            queue.popleft()
+            continue
+        left = item.rows - item.taken
+        late = now_s >= item.deadline_s or (
+            not item.taken and now_s + estimate_s(left) > item.deadline_s)
+        if late:
+            queue.popleft()
+            expired.append(item)
+            continue
+        k = min(left, room)
+        parts.append((item, item.taken, item.taken + k))
+        item.taken += k
+        room -= k
+        if item.taken == item.rows:
+            queue.popleft()
+        if not merge:
+            break
+    return parts, expired
+
+
+class Batcher:
+    """Per-model request queue and batch loop (see the module docstring).
+
+    Args:
+        run: the model, ``run(cat_ids, dense) -> probabilities (B,)``; called in a worker thread.
+        max_batch_size: most rows per call of ``run``.
+        max_queue_delay_s: longest wait for more rows once a batch has some.
+        max_queue_size: most requests waiting; :meth:`submit` raises QueueFull beyond it.
+        dynamic_batching: merge concurrent requests into one batch.
+        instance_count: batches run concurrently (threads).
+        latency: the latency model to feed and ask (a fresh one by default).
+        on_batch: called with (rows, compute seconds) after each batch, for metrics.
+    """
+
+    def __init__(
+        self,
+        run: RunFn,
+        *,
+        max_batch_size: int = 2048,
+        max_queue_delay_s: float = 0.0,
+        max_queue_size: int = 256,
+        dynamic_batching: bool = True,
+        instance_count: int = 1,
+        latency: LatencyModel | None = None,
+        on_batch: Callable[[int, float], None] | None = None,
+        name: str = "model",
+    ) -> None:
+        if max_batch_size < 1 or max_queue_size < 1 or instance_count < 1:
+            raise ValueError("max_batch_size, max_queue_size and instance_count must be >= 1, "
+                             f"got {max_batch_size}, {max_queue_size}, {instance_count}")
+        if max_queue_delay_s < 0:
+            raise ValueError(f"max_queue_delay_s must be >= 0, got {max_queue_delay_s}")
+        self.run = run
+        self.max_batch_size = max_batch_size
+        self.max_queue_delay_s = max_queue_delay_s
+        self.max_queue_size = max_queue_size
+        self.dynamic_batching = dynamic_batching
+        self.instance_count = instance_count
+        self.latency = latency or LatencyModel()
+        self.on_batch = on_batch
+        self._queue: deque[WorkItem] = deque()
+        self._queued_rows = 0
+        self._wake = asyncio.Event()
+        self._slots = asyncio.Semaphore(instance_count)
+        self._running: dict[int, float] = {}  # batch id -> predicted end (monotonic)
+        self._ids = itertools.count()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._loop_task: asyncio.Task[None] | None = None
+        self._executor = ThreadPoolExecutor(instance_count, thread_name_prefix=f"ort-{name}")
+
+    # -- state --------------------------------------------------------------------------------
+    @property
+    def queue_depth(self) -> int:
+        """Requests waiting (including ones cancelled but not yet swept)."""
+        return len(self._queue)
+
+    @property
+    def queued_rows(self) -> int:
+        return self._queued_rows
+
+    def predict_s(self, rows: int, now_s: float | None = None) -> float:
+        """Predicted seconds until a request of ``rows`` rows submitted now is scored.
+
+        The batch still running (when every instance is busy), the rows queued ahead, this
+        request's rows, each batch's fixed cost, and the queue delay. Concurrent instances are
+        not assumed to speed anything up (on CPU they share the same cores).
+        """
+        now_s = time.monotonic() if now_s is None else now_s
+        lm = self.latency
+        busy = 0.0
+        if len(self._running) >= self.instance_count:
+            busy = max(0.0, min(self._running.values()) - now_s)
+        total_rows = self._queued_rows + rows
+        if self.dynamic_batching:
+            batches = math.ceil(total_rows / self.max_batch_size)
+            delay = self.max_queue_delay_s
+        else:
+            batches = len(self._queue) + math.ceil(rows / self.max_batch_size)
+            delay = 0.0
+        lm.predict(0)  # refresh the fit
+        return busy + delay + batches * lm.fixed_s + lm.per_row_s * total_rows
+
+    # -- requests -----------------------------------------------------------------------------
+    def submit(self, cat: np.ndarray, dense: np.ndarray, deadline_s: float) -> WorkItem:
+        """Queue a request's rows; await ``item.future`` for its probabilities (N,).
+
+        The future raises DeadlineExceeded if the request was dropped; cancel it to withdraw
+        the request (it is then never computed unless a batch already holds it).
+        """
+        if len(self._queue) >= self.max_queue_size:
+            raise QueueFull(f"queue holds {len(self._queue)} requests (max_queue_size)")
+        if len(cat) != len(dense):
+            raise ValueError(f"cat_ids has {len(cat)} rows, dense has {len(dense)}")
+        item = WorkItem(cat, dense, deadline_s, asyncio.get_running_loop().create_future(),
+                        time.monotonic())
+        if item.rows == 0:
+            item.future.set_result(item.out)
+            return item
+        self._queue.append(item)
+        self._queued_rows += item.rows
+        self._wake.set()
+        return item
+
+    # -- the loop -----------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the batch loop on the running event loop."""
+        if self._loop_task is None:
+            self._loop_task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def stop(self) -> None:
+        """Finish the running batches, fail what is still queued, stop the threads."""
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            try:
+                await self._loop_task
+            except asyncio.CancelledError:
+                pass
+            self._loop_task = None
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        while self._queue:
+            item = self._queue.popleft()
+            if not item.future.done():
+                item.future.set_exception(DeadlineExceeded("the server is shutting down"))
+        self._queued_rows = 0
+        self._executor.shutdown(wait=True)
+
+    def _take(self, max_rows: int) -> list[Part]:
+        before = [(i, i.taken) for i in self._queue]
+        parts, expired = take_batch(self._queue, max_rows, time.monotonic(),
+                                    self.dynamic_batching, self.latency.predict)
+        # rows that left the queue: taken into parts, expired, or swept after cancellation
+        left = {id(i) for i in self._queue}
+        for item, taken in before:
+            if id(item) in left:
+                self._queued_rows -= item.taken - taken
+            else:
+                self._queued_rows -= item.rows - taken
+        for item in expired:
+            if not item.future.done():
+                item.future.set_exception(DeadlineExceeded("deadline passed while queued"))
+        return parts
+
+    async def _collect(self) -> list[Part]:
+        while True:
+            while not self._queue:
+                self._wake.clear()
+                await self._wake.wait()
+            parts = self._take(self.max_batch_size)
+            if parts:
+                break
+        if not (self.dynamic_batching and self.max_queue_delay_s > 0):
+            return parts
+        rows = sum(b - a for _, a, b in parts)
+        until = time.monotonic() + self.max_queue_delay_s
+        while rows < self.max_batch_size:
+            remaining = until - time.monotonic()
+            if remaining <= 0:
+                break
+            if not self._queue:
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), remaining)
+                except TimeoutError:
+                    break
+            more = self._take(self.max_batch_size - rows)
+            parts += more
+            rows += sum(b - a for _, a, b in more)
+        return parts
+
+    async def _loop(self) -> None:
+        while True:
+            await self._slots.acquire()
+            try:
+                parts = await self._collect()
+            except BaseException:
+                self._slots.release()
+                raise
+            task = asyncio.get_running_loop().create_task(self._run_batch(parts))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    def _timed_run(self, cat: np.ndarray, dense: np.ndarray) -> tuple[np.ndarray, float]:
+        t0 = time.perf_counter()
+        probs = self.run(cat, dense)
+        return probs, time.perf_counter() - t0
+
+    async def _run_batch(self, parts: list[Part]) -> None:
+        batch_id = next(self._ids)
+        parts = [p for p in parts if not p[0].future.done()]  # clients gone while collecting
+        if not parts:
+            self._slots.release()
+            return
+        try:
+            start = time.monotonic()
+            for item, _, _ in parts:
+                if item.started_s is None:
+                    item.started_s = start
+            if len(parts) == 1 and parts[0][1] == 0 and parts[0][2] == parts[0][0].rows:
+                cat, dense = parts[0][0].cat, parts[0][0].dense
+            else:
+                cat = np.concatenate([i.cat[a:b] for i, a, b in parts])
+                dense = np.concatenate([i.dense[a:b] for i, a, b in parts])
+            rows = len(cat)
+            self._running[batch_id] = start + self.latency.predict(rows)
+            loop = asyncio.get_running_loop()
+            probs, compute_s = await loop.run_in_executor(self._executor, self._timed_run,
+                                                          cat, dense)
+            self.latency.observe(rows, time.monotonic() - start)
+            if self.on_batch is not None:
+                self.on_batch(rows, compute_s)
+            if probs.shape != (rows,):
+                raise RuntimeError(f"model returned shape {probs.shape} for {rows} rows")
+            offset = 0
+            for item, a, b in parts:
+                item.out[a:b] = probs[offset: offset + b - a]
+                offset += b - a
+                item.done += b - a
+                item.compute_s += compute_s
+                if item.done == item.rows and not item.future.done():
+                    item.future.set_result(item.out)
+        except Exception as e:  # delivered to every request of the batch
+            for item, _, _ in parts:
+                if not item.future.done():
+                    item.future.set_exception(e)
+        finally:
+            self._running.pop(batch_id, None)
+            self._slots.release()

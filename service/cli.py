@@ -1,0 +1,129 @@
+"""``mldcn serve`` and ``mldcn bench serve``: registered by ``model.cli.build_parser``.
+
+Importing this module is cheap (argparse only). ``mldcn serve`` turns its flags into the
+``MLDCN_*`` environment variables of :class:`service.settings.Settings` (flags win over the
+environment), validates them, checks the repository, and runs uvicorn; with ``--workers N > 1``
+it also points ``PROMETHEUS_MULTIPROC_DIR`` at a fresh folder so that ``/metrics`` adds up
+every worker.
+
+    mldcn serve --repo MODELS_DIR [--host H] [--port P] [--workers N] [--models a,b] ...
+    mldcn bench serve --repo MODELS_DIR [--model NAME] [--out docs/bench/serve.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+from typing import Any
+
+# flag -> (settings field, type, help); every flag defaults to "not given"
+SERVE_FLAGS: dict[str, tuple[str, type, str]] = {
+    "--repo": ("repo", str, "model repository folder (MLDCN_REPO)"),
+    "--host": ("host", str, "address to listen on (default 127.0.0.1)"),
+    "--port": ("port", int, "port (default 8000)"),
+    "--workers": ("workers", int, "uvicorn worker processes (default 1)"),
+    "--models": ("models", str, "comma-separated model names to load (default: all)"),
+    "--default-model": ("default_model", str, "model for requests that name none"),
+    "--fallback-model": ("fallback_model", str, "cheaper model for --timeout-action degrade"),
+    "--timeout-action": ("timeout_action", str, "reject (503) or degrade (fallback model)"),
+    "--default-timeout-ms": ("default_timeout_ms", float, "the SLO budget per request (50)"),
+    "--max-batch-size": ("max_batch_size", int, "rows per ONNX Runtime batch (2048)"),
+    "--max-queue-delay-ms": ("max_queue_delay_ms", float, "wait for more rows (0)"),
+    "--max-queue-size": ("max_queue_size", int, "requests waiting per model (256)"),
+    "--instance-count": ("instance_count", int, "concurrent batches per model (1)"),
+    "--max-candidates": ("max_candidates", int, "candidates per request (4096)"),
+    "--execution-provider": ("execution_provider", str, "auto, cuda or cpu (auto)"),
+    "--intra-op-threads": ("intra_op_threads", int, "ONNX Runtime threads (0: cores/workers)"),
+    "--log-level": ("log_level", str, "uvicorn log level (info)"),
+}
+
+
+def add_serve_commands(sub: Any, bench_sub: Any | None = None) -> None:
+    """Add ``serve`` to ``mldcn``'s sub-parsers and ``serve`` to ``mldcn bench``'s."""
+    p = sub.add_parser("serve", help="run the scoring service (FastAPI + ONNX Runtime)",
+                       description="Run the scoring service. Every flag can also be given as "
+                                   "an MLDCN_<NAME> environment variable.")
+    for flag, (_, kind, help_text) in SERVE_FLAGS.items():
+        p.add_argument(flag, type=kind, default=None, help=help_text)
+    p.add_argument("--no-dynamic-batching", action="store_true",
+                   help="one request per batch (MLDCN_DYNAMIC_BATCHING=false)")
+    p.add_argument("--access-log", action="store_true", help="log every request")
+    p.set_defaults(func=cmd_serve)
+    if bench_sub is not None:
+        b = bench_sub.add_parser("serve", help="in-process ONNX Runtime vs HTTP latency, "
+                                               "throughput with and without the batcher")
+        b.add_argument("--repo", help="model repository (default: train and export a small "
+                                      "model into a temporary one)")
+        b.add_argument("--model", help="model name (default: the first)")
+        b.add_argument("--sizes", default="1,64,512,2048", help="candidates per request")
+        b.add_argument("--requests", type=int, default=200,
+                       help="sequential requests per size and format")
+        b.add_argument("--duration-s", type=float, default=5.0,
+                       help="seconds per saturation run")
+        b.add_argument("--concurrency", type=int, default=16,
+                       help="client connections in saturation runs")
+        b.add_argument("--out", default="docs/bench/serve.json", help="JSON output path")
+        b.set_defaults(func=cmd_bench_serve)
+
+
+def serve_env(args: argparse.Namespace) -> dict[str, str]:
+    """The MLDCN_* variables the given flags stand for."""
+    env = {}
+    for flag, (name, _, _) in SERVE_FLAGS.items():
+        value = getattr(args, flag.lstrip("-").replace("-", "_"))
+        if value is not None:
+            env[f"MLDCN_{name.upper()}"] = str(value)
+    if args.no_dynamic_batching:
+        env["MLDCN_DYNAMIC_BATCHING"] = "false"
+    return env
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from pydantic import ValidationError
+
+    from model.cli import CLIError
+
+    os.environ.update(serve_env(args))
+    from service.settings import get_settings
+
+    get_settings.cache_clear()
+    try:
+        settings = get_settings()
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'settings'}: {err['msg']}"
+                             for err in e.errors())
+        raise CLIError(f"invalid settings: {problems}") from None
+    from export.repository import ModelRepository
+
+    names = ModelRepository(settings.repo).names()  # RepositoryError if it is not a folder
+    if not names:
+        raise CLIError(f"no models in {settings.repo} (export one with mldcn export)")
+    missing = [n for n in settings.models if n not in names]
+    if missing:
+        raise CLIError(f"models {missing} are not in {settings.repo} (it has {names})")
+    multiproc_dir = None
+    if settings.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        multiproc_dir = tempfile.mkdtemp(prefix="mldcn-prometheus-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = multiproc_dir
+    import uvicorn
+
+    print(f"mldcn serve: {', '.join(settings.models or names)} from {settings.repo} on "
+          f"http://{settings.host}:{settings.port} ({settings.workers} worker(s), budget "
+          f"{settings.default_timeout_ms:g} ms, timeout_action {settings.timeout_action})",
+          file=sys.stderr, flush=True)
+    try:
+        uvicorn.run("service.app:create_app", factory=True, host=settings.host,
+                    port=settings.port, workers=settings.workers, log_level=settings.log_level,
+                    access_log=args.access_log, timeout_graceful_shutdown=10)
+    finally:
+        if multiproc_dir:
+            shutil.rmtree(multiproc_dir, ignore_errors=True)
+
+
+def cmd_bench_serve(args: argparse.Namespace) -> None:
+    from service import bench
+
+    bench.main(args)

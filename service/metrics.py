@@ -1,0 +1,116 @@
+"""Prometheus metrics of the scoring service (``GET /metrics``).
+
+Names carry the ``mldcn_`` prefix and their unit; durations are in seconds with buckets from
+0.5 ms to 1 s, row counts use powers of two. Labels are only ``model``, ``version``, ``code`` and
+``reason`` (plus ``provider``/``precision``/``arch`` on the constant info metric), never request
+or user ids; a request naming an unknown model is counted under ``model="unknown"``.
+
+=====================================  =========  =============================================
+mldcn_requests_total                   counter    /v1/score responses by model and HTTP code
+mldcn_request_duration_seconds         histogram  arrival to response, by model and code
+mldcn_queue_duration_seconds           histogram  enqueue to first batch, by model and version
+mldcn_compute_duration_seconds         histogram  ONNX Runtime time per batch
+mldcn_batch_size_rows                  histogram  rows per ONNX Runtime batch
+mldcn_candidates_per_request           histogram  candidates per request
+mldcn_queue_depth_requests             gauge      requests waiting, per model
+mldcn_inflight_requests                gauge      /v1/score requests being handled
+mldcn_rejected_requests_total          counter    requests not scored, by model and reason
+mldcn_degraded_requests_total          counter    requests scored by the fallback model instead
+mldcn_deadline_slack_seconds           histogram  deadline minus finish, of served requests
+mldcn_model_info                       gauge      1 per loaded version; provider, precision, arch
+mldcn_model_flops_per_example          gauge      analytic FLOPs per scored row
+mldcn_latency_model_fixed_seconds      gauge      admission latency model: cost per batch
+mldcn_latency_model_per_row_seconds    gauge      admission latency model: cost per row
+=====================================  =========  =============================================
+
+Rejection reasons: ``queue_full``, ``predicted_deadline_miss`` (admission control, 503),
+``deadline_exceeded`` (expired while queued, or finished after its deadline, 504),
+``client_disconnected``, ``not_ready``.
+
+Several worker processes: set ``PROMETHEUS_MULTIPROC_DIR`` (``mldcn serve --workers N`` does) to
+an empty folder before the service is imported; ``/metrics`` then aggregates every worker's
+files (``MultiProcessCollector``); gauges sum live processes (or take the max for model info).
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+
+LATENCY_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+ROW_BUCKETS = tuple(float(2**i) for i in range(14))  # 1 … 8192
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus_client's own variable
+UNKNOWN_MODEL = "unknown"
+
+
+def multiprocess_mode() -> bool:
+    """True when prometheus_client writes per-process files (set before it was imported)."""
+    return bool(os.environ.get(MULTIPROC_ENV))
+
+
+class Metrics:
+    """The service's metric objects, on their own registry (one per app instance)."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter("mldcn_requests", "/v1/score responses by model and HTTP code",
+                                ["model", "code"], registry=r)
+        self.request_duration = Histogram(
+            "mldcn_request_duration_seconds", "arrival to response of /v1/score",
+            ["model", "code"], buckets=LATENCY_BUCKETS_S, registry=r)
+        self.queue_duration = Histogram(
+            "mldcn_queue_duration_seconds", "enqueue to first batch", ["model", "version"],
+            buckets=LATENCY_BUCKETS_S, registry=r)
+        self.compute_duration = Histogram(
+            "mldcn_compute_duration_seconds", "ONNX Runtime time per batch",
+            ["model", "version"], buckets=LATENCY_BUCKETS_S, registry=r)
+        self.batch_size = Histogram("mldcn_batch_size_rows", "rows per ONNX Runtime batch",
+                                    ["model", "version"], buckets=ROW_BUCKETS, registry=r)
+        self.candidates = Histogram("mldcn_candidates_per_request", "candidates per request",
+                                    ["model"], buckets=ROW_BUCKETS, registry=r)
+        self.queue_depth = Gauge("mldcn_queue_depth_requests", "requests waiting", ["model"],
+                                 multiprocess_mode="livesum", registry=r)
+        self.in_flight = Gauge("mldcn_inflight_requests", "/v1/score requests being handled",
+                               multiprocess_mode="livesum", registry=r)
+        self.rejected = Counter("mldcn_rejected_requests", "requests not scored, by reason",
+                                ["model", "reason"], registry=r)
+        self.degraded = Counter("mldcn_degraded_requests",
+                                "requests scored by the fallback model", ["model", "reason"],
+                                registry=r)
+        self.slack = Histogram("mldcn_deadline_slack_seconds",
+                               "deadline minus finish time of served requests", ["model"],
+                               buckets=LATENCY_BUCKETS_S, registry=r)
+        self.model_info = Gauge("mldcn_model_info", "loaded model versions",
+                                ["model", "version", "provider", "precision", "arch"],
+                                multiprocess_mode="max", registry=r)
+        self.flops = Gauge("mldcn_model_flops_per_example", "analytic FLOPs per scored row",
+                           ["model", "version"], multiprocess_mode="max", registry=r)
+        self.latency_fixed = Gauge("mldcn_latency_model_fixed_seconds",
+                                   "admission latency model: fixed cost per batch", ["model"],
+                                   multiprocess_mode="max", registry=r)
+        self.latency_per_row = Gauge("mldcn_latency_model_per_row_seconds",
+                                     "admission latency model: cost per row", ["model"],
+                                     multiprocess_mode="max", registry=r)
+
+    def exposition(self) -> tuple[bytes, str]:
+        """(body, content type) of ``GET /metrics``, aggregated over workers if multiprocess."""
+        if multiprocess_mode():
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)
+            return generate_latest(registry), CONTENT_TYPE_LATEST
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+    @staticmethod
+    def process_exit() -> None:
+        """Drop this process's live gauges from the multiprocess files (worker shutdown)."""
+        if multiprocess_mode():
+            multiprocess.mark_process_dead(os.getpid())

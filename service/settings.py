@@ -1,0 +1,161 @@
+"""The service's one settings object: every option, its environment variable and its default.
+
+Options are read from ``MLDCN_<NAME>`` environment variables (and ``mldcn serve`` flags, which
+the CLI turns into the same variables so that every uvicorn worker sees them). Only this module
+reads the environment; everything else asks :func:`get_settings`. Option names follow Triton's
+model configuration where one applies (``max_batch_size``, ``max_queue_delay_ms``,
+``max_queue_size``, ``default_timeout_ms``, ``timeout_action``, ``instance_count``) and carry
+their unit.
+
+Example:
+    >>> s = Settings(repo="models", default_timeout_ms=25)
+    >>> s.default_timeout_ms, s.timeout_action, s.max_batch_size
+    (25.0, 'reject', 2048)
+    >>> Settings(repo="models", timeout_action="degrade")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    pydantic_core._pydantic_core.ValidationError: 1 validation error for Settings
+    ...
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+ENV_PREFIX = "MLDCN_"
+
+
+def default_intra_op_threads(workers: int = 1) -> int:
+    """ONNX Runtime threads per session: the cores divided among the worker processes."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cores or 1) // max(1, workers))
+
+
+class Settings(BaseSettings):
+    """Scoring-service settings (env prefix ``MLDCN_``; see the README's settings table)."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
+
+    # -- models ------------------------------------------------------------------------------
+    repo: Path = Field(description="model repository folder MODELS_DIR/<name>/<version>/")
+    models: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="model names to load (latest version of each); empty = every model",
+    )
+    default_model: str | None = Field(
+        default=None, description="model used when a request names none; default: the first"
+    )
+    fallback_model: str | None = Field(
+        default=None, description="cheaper model scored instead under timeout_action=degrade"
+    )
+    execution_provider: Literal["auto", "cuda", "cpu"] = Field(
+        default="auto", description="ONNX Runtime provider: auto = CUDA if available, else CPU"
+    )
+    intra_op_threads: int = Field(
+        default=0, ge=0, description="ONNX Runtime intra-op threads; 0 = cores / workers"
+    )
+    inter_op_threads: int = Field(default=1, ge=1, description="ONNX Runtime inter-op threads")
+    warmup_runs: int = Field(
+        default=20, ge=1, description="warmup runs per batch size before ready (seeds latency)"
+    )
+
+    # -- batching (Triton names) ---------------------------------------------------------------
+    max_batch_size: int = Field(
+        default=2048, ge=1, description="most rows in one ONNX Runtime call (requests are split)"
+    )
+    dynamic_batching: bool = Field(
+        default=True, description="merge concurrent requests into one batch"
+    )
+    max_queue_delay_ms: float = Field(
+        default=0.0, ge=0, le=1000,
+        description="longest wait for more rows before a batch runs (0: take what is queued)",
+    )
+    max_queue_size: int = Field(
+        default=256, ge=1, description="most requests waiting per model; full -> 503 at once"
+    )
+    instance_count: int = Field(
+        default=1, ge=1, description="batches run concurrently per model (ONNX Runtime calls)"
+    )
+
+    # -- latency budget --------------------------------------------------------------------------
+    default_timeout_ms: float = Field(
+        default=50.0, gt=0, le=60_000,
+        description="the SLO: budget of a request that asks for none; also the most it may ask",
+    )
+    timeout_action: Literal["reject", "degrade"] = Field(
+        default="reject",
+        description="when admission predicts a miss: reject (503) or degrade (fallback_model)",
+    )
+    admission_safety_factor: float = Field(
+        default=1.2, ge=1.0, le=10.0,
+        description="predicted latency is multiplied by this before it is compared to the budget",
+    )
+    latency_window: int = Field(
+        default=256, ge=8, description="recent batches the online latency model is fitted on"
+    )
+
+    # -- limits ----------------------------------------------------------------------------------
+    max_candidates: int = Field(default=4096, ge=1, description="most candidates per request")
+    max_body_bytes: int = Field(
+        default=4 * 1024 * 1024, ge=1024, description="largest request body; larger -> 413"
+    )
+    max_string_length: int = Field(
+        default=256, ge=1, description="longest string feature value or request id"
+    )
+
+    # -- server ----------------------------------------------------------------------------------
+    host: str = Field(default="127.0.0.1", description="address to listen on")
+    port: int = Field(default=8000, ge=0, le=65535, description="port to listen on")
+    workers: int = Field(default=1, ge=1, description="uvicorn worker processes")
+    log_level: str = Field(default="info", description="uvicorn log level")
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _split_models(cls, v: object) -> object:
+        if isinstance(v, str):
+            return [s.strip() for s in v.split(",") if s.strip()]
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if self.timeout_action == "degrade" and not self.fallback_model:
+            raise ValueError("timeout_action=degrade needs fallback_model (MLDCN_FALLBACK_MODEL)")
+        if self.fallback_model and self.models and self.fallback_model not in self.models:
+            raise ValueError(
+                f"fallback_model {self.fallback_model!r} must be one of models {self.models}"
+            )
+        if self.default_model and self.models and self.default_model not in self.models:
+            raise ValueError(
+                f"default_model {self.default_model!r} must be one of models {self.models}"
+            )
+        return self
+
+    @property
+    def session_threads(self) -> int:
+        """intra_op_threads, or the core count divided by the workers when it is 0."""
+        return self.intra_op_threads or default_intra_op_threads(self.workers)
+
+    def to_env(self) -> dict[str, str]:
+        """These settings as ``MLDCN_*`` variables (how the CLI hands them to uvicorn workers)."""
+        out = {}
+        for name, value in self.model_dump().items():
+            if value is None:
+                continue
+            if isinstance(value, list):
+                value = ",".join(value)
+            elif isinstance(value, bool):
+                value = "true" if value else "false"
+            out[ENV_PREFIX + name.upper()] = str(value)
+        return out
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process's settings, read from the environment once (tests call ``cache_clear``)."""
+    return Settings()  # type: ignore[call-arg]  # repo comes from MLDCN_REPO
