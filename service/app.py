@@ -5,9 +5,17 @@ Routes:
   GET  /v2                          KServe v2 server metadata
   GET  /v2/health/live              200 while the process runs
   GET  /v2/health/ready             200 once every model is loaded and warmed up, else 503
-  GET  /v2/models/{name}            model metadata (KServe v2 + serving details), 404 if unknown
-  GET  /v2/models/{name}/ready      200 / 503 / 404
+  GET  /v2/models/{name}[/versions/{v}]        model metadata (KServe v2 + serving details)
+  GET  /v2/models/{name}[/versions/{v}]/ready  200 / 503 / 404
+  POST /v2/models/{name}[/versions/{v}]/infer  KServe v2 inference (:mod:`service.kserve`)
+  POST /admin/models/{name}/load|reload|unload, GET /admin/models   (:mod:`service.admin`;
+                                    only with an admin token configured)
   GET  /metrics                     Prometheus text format
+
+Requests that name no model are routed by the A/B split (:mod:`service.routing`); after a
+scored response has been sent, the edge middleware starts its shadow copy
+(:mod:`service.shadow`). While draining (SIGTERM, :mod:`service.server`) scoring requests are
+answered 503 ``draining`` before their body is read.
 
 Every error body is an :class:`~service.schemas.ErrorResponse` naming the field and the reason;
 bad input is a 4xx, never a 500 or a stack trace. The edge middleware stamps the arrival time
@@ -20,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
@@ -30,7 +39,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from export.repository import INPUT_NAMES
+from service import kserve
+from service.admin import make_admin_router
 from service.metrics import UNKNOWN_MODEL, Metrics
+from service.models import ServedModel
 from service.schemas import (
     UNION_TAGS,
     ErrorDetail,
@@ -49,8 +62,15 @@ Message = MutableMapping[str, Any]
 ASGIApp = Callable[[Scope, Callable[[], Awaitable[Message]], Callable[[Message], Awaitable[None]]],
                    Awaitable[None]]
 SCORE_PATH = "/v1/score"
+INFER_PATH = re.compile(r"/v2/models/[^/]+(/versions/[^/]+)?/infer")
 CLIENT_CLOSED = 499  # nginx's code for "client closed the request"; never reaches the client
 _UNION_MEMBERS = {"constrained-str", "str", "bool", "int", "float", "none"}
+
+
+def is_scoring_path(path: str) -> bool:
+    """``/v1/score`` and ``/v2/models/{name}[/versions/{v}]/infer``: the requests that are
+    counted, shed under overload and waited for when draining."""
+    return path == SCORE_PATH or INFER_PATH.fullmatch(path) is not None
 
 
 def error_body(status: int, error: str, message: str, errors: list[ErrorDetail] | None = None,
@@ -118,7 +138,7 @@ class EdgeMiddleware:
         arrival_s = time.monotonic()
         state = scope.setdefault("state", {})
         state["arrival_s"] = arrival_s
-        counted = scope["path"] == SCORE_PATH and not state.get("warmup")
+        counted = is_scoring_path(scope["path"]) and not state.get("warmup")
         status = [500]
 
         async def send_status(message: Message) -> None:
@@ -128,6 +148,7 @@ class EdgeMiddleware:
 
         if counted:
             self.metrics.in_flight.inc()
+            self.service.in_flight += 1
         try:
             if counted and await self._shed(scope, receive, send_status, state):
                 return
@@ -136,14 +157,29 @@ class EdgeMiddleware:
                 await self.app(scope, receive, send_status)
         finally:
             if counted:
+                self.service.in_flight -= 1
                 self.metrics.in_flight.dec()
                 model, code = state.get("model", UNKNOWN_MODEL), str(status[0])
+                took_s = time.monotonic() - arrival_s
                 self.metrics.requests.labels(model=model, code=code).inc()
-                self.metrics.request_duration.labels(model=model, code=code).observe(
-                    time.monotonic() - arrival_s)
+                self.metrics.request_duration.labels(model=model, code=code).observe(took_s)
+                arm = state.get("arm")
+                if arm is not None:
+                    self.metrics.arm_requests.labels(arm=arm, code=code).inc()
+                    self.metrics.arm_duration.labels(arm=arm, code=code).observe(took_s)
+        after = state.get("after_response")
+        if after is not None and status[0] == 200 and not state.get("warmup"):
+            after()  # the shadow copy: the response has been handed to the server already
 
     async def _shed(self, scope: Scope, receive: Any, send: Any, state: dict[str, Any]) -> bool:
-        """Answer 503 at once, without reading the body, when the server is overloaded."""
+        """Answer 503 at once, without reading the body, when the server is draining or
+        overloaded."""
+        if self.service.draining:
+            error = self.service.not_serving(None)
+            assert error is not None
+            await error_body(error.status, error.error, error.message, headers=error.headers)(
+                scope, receive, send)
+            return True
         header = None
         for key, value in scope.get("headers", ()):
             if key == b"x-request-timeout-ms":
@@ -225,11 +261,57 @@ async def score(
     x_request_timeout_ms: Annotated[float | None, Header(gt=0, allow_inf_nan=False)] = None,
 ) -> Response:
     """Score the candidates for one user and context; scores come back in candidate order."""
-    model = service.resolve(body.model)
+    model, arm = service.route(body.model, body.user_id, body.user)
     request.state.model = model.name
-    result = await service.score(model, body, request.state.arrival_s, x_request_timeout_ms,
-                                 request.receive)
+    request.state.arm = arm
+    result, done = await service.score(model, body, request.state.arrival_s,
+                                       x_request_timeout_ms, request.receive, arm)
+    if arm is not None:
+        service.metrics.arm_score.labels(arm=arm).observe(float(done.probs.mean()))
+    request.state.after_response = service.shadow.plan(done, body.request_id)
     return Response(result.model_dump_json(), media_type="application/json")
+
+
+def v2_model(service: ScoringService, name: str, version: str | None = None) -> ServedModel:
+    """The model a ``/v2/models/{name}[/versions/{version}]`` URL names; 404 if it is not
+    loaded or ``version`` is not the one serving."""
+    m = service.models.get(name)
+    if m is None:
+        raise ServiceError(404, "model_not_found",
+                           f"no model named {name!r} (models: {sorted(service.models)})",
+                           field="name")
+    if version is not None and version != str(m.version):
+        raise ServiceError(404, "version_not_found", f"model {name!r} serves version "
+                           f"{m.version}, not {version!r}", field="version")
+    return m
+
+
+async def infer(
+    name: str,
+    request: Request,
+    service: ServiceDep,
+    version: str | None = None,
+    x_request_timeout_ms: Annotated[float | None, Header(gt=0, allow_inf_nan=False)] = None,
+) -> Response:
+    """KServe v2 inference (see :mod:`service.kserve`): JSON or binary tensors in,
+    ``probability`` out, through the same admission control and batcher as /v1/score."""
+    req = kserve.parse_request(await request.body(), request.headers.get(kserve.HEADER_LENGTH))
+    model = v2_model(service, name, version)
+    request.state.model = model.name
+    encoded = any(t.name in INPUT_NAMES for t in req.inputs)
+    n, encode = (kserve.encoded_inputs if encoded else kserve.raw_inputs)(model, req.inputs)
+    if n == 0:
+        raise kserve.bad("no rows to score (inputs have 0 rows)", "inputs")
+    done = await service.infer(model, n, request.state.arrival_s,
+                               (req.timeout_ms, x_request_timeout_ms), encode,
+                               request.receive, can_degrade=not encoded)
+    if not encoded:
+        request.state.after_response = service.shadow.plan(done, req.id)
+    body, headers = kserve.response_body(req, done.model, done.probs, {
+        "degraded": done.degraded, "queue_ms": round(done.queue_s * 1e3, 3),
+        "compute_ms": round(done.compute_s * 1e3, 3),
+        "total_ms": round((done.done_s - request.state.arrival_s) * 1e3, 3)})
+    return Response(body, headers=headers)
 
 
 async def warm_route(app: ASGIApp, service: ScoringService) -> None:
@@ -300,10 +382,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                        service=service)
     app.add_api_route(SCORE_PATH, score, methods=["POST"], response_model=ScoreResponse,
                       responses=ERROR_RESPONSES, tags=["scoring"])
+    for path in ("/v2/models/{name}/infer", "/v2/models/{name}/versions/{version}/infer"):
+        app.add_api_route(path, infer, methods=["POST"], responses=ERROR_RESPONSES,
+                          tags=["kserve-v2"], response_class=Response)
+    token = settings.admin_secret()
+    if token is not None:  # no token: no admin routes at all (404 like any unknown path)
+        app.include_router(make_admin_router(token))
 
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, e: ServiceError) -> Response:
         details = [ErrorDetail(field=e.field, message=e.message)] if e.field else []
+        if request.url.path.startswith("/v2/"):  # the protocol's {"error": message}
+            return JSONResponse({"error": e.message, "reason": e.error,
+                                 "errors": [d.model_dump() for d in details]},
+                                status_code=e.status, headers=e.headers)
         return error_body(e.status, e.error, e.message, details, e.headers)
 
     @app.exception_handler(ClientDisconnected)
@@ -329,7 +421,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.get("/v2", tags=["kserve-v2"])
     async def server_metadata() -> dict[str, Any]:
-        return {"name": "mldcn", "version": app.version, "extensions": []}
+        return {"name": "mldcn", "version": app.version,
+                "extensions": ["binary_tensor_data", "schedule_policy"]}
 
     @app.get("/v2/health/live", tags=["kserve-v2"])
     async def live() -> dict[str, bool]:
@@ -337,22 +430,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.get("/v2/health/ready", tags=["kserve-v2"], responses={503: {"model": ErrorResponse}})
     async def ready(service: ServiceDep) -> Response:
+        if service.draining:
+            return error_body(503, "draining", "the server is shutting down")
         if not service.ready:
-            return error_body(503, "not_ready", "models are loading or the server is draining")
+            return error_body(503, "not_ready", "models are loading")
         return JSONResponse({"ready": True})
-
-    def _model(service: ScoringService, name: str) -> Any:
-        m = service.models.get(name)
-        if m is None:
-            raise ServiceError(404, "model_not_found",
-                               f"no model named {name!r} (models: {sorted(service.models)})",
-                               field="name")
-        return m
 
     @app.get("/v2/models/{name}", response_model=ModelMetadata, tags=["kserve-v2"],
              responses={404: {"model": ErrorResponse}})
-    async def model_metadata(name: str, service: ServiceDep) -> ModelMetadata:
-        m = _model(service, name)
+    @app.get("/v2/models/{name}/versions/{version}", response_model=ModelMetadata,
+             tags=["kserve-v2"], responses={404: {"model": ErrorResponse}})
+    async def model_metadata(name: str, service: ServiceDep,
+                             version: str | None = None) -> ModelMetadata:
+        m = v2_model(service, name, version)
         shape = [{"name": t["name"], "datatype": t["datatype"],
                   "shape": [-1 if d == "batch" else d for d in t["shape"]]}
                  for t in m.meta["inputs"]]
@@ -368,13 +458,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 "fallback": m.name == service.settings.fallback_model,
                 "features": {side: [f.name for f in schema.fields_on([side])]
                              for side in ("user", "context", "candidate")},
+                "feature_inputs": [
+                    {"name": f.name, "side": f.side, "shape": [-1],
+                     "datatype": "BYTES" if f.type == "categorical" else "FP32"}
+                    for f in schema.fields],
+                "arm": m.name in dict(service.arms),
+                "shadow": m.name == service.settings.shadow_model,
                 "metrics": m.meta.get("metrics", {}),
             })
 
     @app.get("/v2/models/{name}/ready", tags=["kserve-v2"],
              responses={404: {"model": ErrorResponse}, 503: {"model": ErrorResponse}})
-    async def model_ready(name: str, service: ServiceDep) -> Response:
-        m = _model(service, name)
+    @app.get("/v2/models/{name}/versions/{version}/ready", tags=["kserve-v2"],
+             responses={404: {"model": ErrorResponse}, 503: {"model": ErrorResponse}})
+    async def model_ready(name: str, service: ServiceDep, version: str | None = None
+                          ) -> Response:
+        m = v2_model(service, name, version)
         if not service.ready:
             return error_body(503, "not_ready", f"model {name!r} is not ready")
         return JSONResponse({"name": m.name, "version": str(m.version), "ready": True})

@@ -264,6 +264,25 @@ class Batcher:
         self._queued_rows = 0
         self._executor.shutdown(wait=True)
 
+    @property
+    def idle(self) -> bool:
+        """Nothing queued and no batch running."""
+        return not self._queue and not self._tasks
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Let the queued and running requests finish (at most ``timeout_s``), then stop.
+
+        How a replaced model version retires: nothing new is submitted to it, and what it
+        holds is scored. True if everything finished in time; what is left fails as
+        :meth:`stop` fails it.
+        """
+        end = time.monotonic() + timeout_s
+        while not self.idle and time.monotonic() < end:
+            await asyncio.sleep(0.005)
+        finished = self.idle
+        await self.stop()
+        return finished
+
     def _take(self, max_rows: int) -> list[Part]:
         before = [(i, i.taken) for i in self._queue]
         parts, expired = take_batch(self._queue, max_rows, time.monotonic(),

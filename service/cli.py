@@ -38,6 +38,15 @@ SERVE_FLAGS: dict[str, tuple[str, type, str]] = {
     "--execution-provider": ("execution_provider", str, "auto, cuda or cpu (auto)"),
     "--intra-op-threads": ("intra_op_threads", int, "ONNX Runtime threads (0: cores/workers)"),
     "--log-level": ("log_level", str, "uvicorn log level (info)"),
+    "--ab": ("ab", str, "A/B split of requests naming no model, e.g. mldcn:0.5,dcnv2:0.5"),
+    "--ab-user-field": ("ab_user_field", str, "user feature hashed when no user_id (user_id)"),
+    "--shadow-model": ("shadow_model", str, "model scoring a copy of the traffic"),
+    "--shadow-fraction": ("shadow_fraction", float, "fraction of requests copied (1.0)"),
+    "--poll-interval-s": ("poll_interval_s", float,
+                          "load newer repository versions every N s (0: off)"),
+    "--drain-grace-s": ("drain_grace_s", float, "SIGTERM: wait for in-flight work (20)"),
+    "--admin-token-file": ("admin_token_file", str,
+                           "file with the admin bearer token (or MLDCN_ADMIN_TOKEN)"),
 }
 
 
@@ -108,19 +117,23 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if settings.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         multiproc_dir = tempfile.mkdtemp(prefix="mldcn-prometheus-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = multiproc_dir
-    import uvicorn
+    try:
+        settings.admin_secret()
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    from service.server import run
 
     print(f"mldcn serve: {', '.join(settings.models or names)} from {settings.repo} on "
           f"http://{settings.host}:{settings.port} ({settings.workers} worker(s), budget "
           f"{settings.default_timeout_ms:g} ms, timeout_action {settings.timeout_action})",
           file=sys.stderr, flush=True)
     try:
-        uvicorn.run("service.app:create_app", factory=True, host=settings.host,
-                    port=settings.port, workers=settings.workers, log_level=settings.log_level,
-                    access_log=args.access_log, timeout_graceful_shutdown=10)
+        code = run(settings, access_log=args.access_log)
     finally:
         if multiproc_dir:
             shutil.rmtree(multiproc_dir, ignore_errors=True)
+    if code:
+        raise SystemExit(code)
 
 
 def cmd_bench_serve(args: argparse.Namespace) -> None:

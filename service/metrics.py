@@ -21,11 +21,27 @@ mldcn_model_info                       gauge      1 per loaded version; provider
 mldcn_model_flops_per_example          gauge      analytic FLOPs per scored row
 mldcn_latency_model_fixed_seconds      gauge      admission latency model: cost per batch
 mldcn_latency_model_per_row_seconds    gauge      admission latency model: cost per row
+mldcn_arm_requests_total               counter    A/B-split requests by arm and HTTP code
+mldcn_arm_request_duration_seconds     histogram  arrival to response, by arm and code
+mldcn_arm_mean_score                   histogram  mean probability per served request, by arm
+mldcn_shadow_requests_total            counter    shadow copies by model, shadow and result
+mldcn_shadow_abs_diff_mean             histogram  per request mean |primary - shadow| score
+mldcn_shadow_abs_diff_max              histogram  per request max |primary - shadow| score
+mldcn_shadow_duration_seconds          histogram  shadow copy: submit to scores
+mldcn_model_loads_total                counter    admin/polling loads by model and result
+mldcn_draining                         gauge      1 after SIGTERM while in-flight work finishes
 =====================================  =========  =============================================
+
+``mldcn_requests_total`` and ``mldcn_request_duration_seconds`` count ``/v1/score`` and
+``/v2/models/.../infer`` alike. The ``arm`` label is an A/B arm's model name (a handful of
+values; requests that were not split are not in the arm metrics); ``model`` in the request
+metrics is the model asked for, so an arm degraded to the fallback stays under its arm.
+``mldcn_model_info`` is 0 for a version that was replaced or unloaded.
 
 Rejection reasons: ``queue_full``, ``predicted_deadline_miss`` (admission control, 503),
 ``deadline_exceeded`` (expired while queued, or finished after its deadline, 504),
-``client_disconnected``, ``not_ready``.
+``client_disconnected``, ``not_ready``, ``draining``. Load results: ``loaded``, ``rejected``
+(validation failed, the old version kept serving), ``unloaded``.
 
 Several worker processes: set ``PROMETHEUS_MULTIPROC_DIR`` (``mldcn serve --workers N`` does) to
 an empty folder before the service is imported; ``/metrics`` then aggregates every worker's
@@ -48,6 +64,8 @@ from prometheus_client import (
 
 LATENCY_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 ROW_BUCKETS = tuple(float(2**i) for i in range(14))  # 1 … 8192
+PROBABILITY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
+DIFF_BUCKETS = (1e-5, 1e-4, 1e-3, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus_client's own variable
 UNKNOWN_MODEL = "unknown"
 
@@ -100,6 +118,30 @@ class Metrics:
         self.latency_per_row = Gauge("mldcn_latency_model_per_row_seconds",
                                      "admission latency model: cost per row", ["model"],
                                      multiprocess_mode="max", registry=r)
+
+        self.arm_requests = Counter("mldcn_arm_requests", "A/B-split requests by arm and code",
+                                    ["arm", "code"], registry=r)
+        self.arm_duration = Histogram(
+            "mldcn_arm_request_duration_seconds", "arrival to response of A/B-split requests",
+            ["arm", "code"], buckets=LATENCY_BUCKETS_S, registry=r)
+        self.arm_score = Histogram("mldcn_arm_mean_score",
+                                   "mean probability of a served A/B-split request", ["arm"],
+                                   buckets=PROBABILITY_BUCKETS, registry=r)
+        self.shadow_requests = Counter("mldcn_shadow_requests", "shadow copies by result",
+                                       ["model", "shadow", "result"], registry=r)
+        self.shadow_diff_mean = Histogram(
+            "mldcn_shadow_abs_diff_mean", "mean |primary - shadow| probability per request",
+            ["model", "shadow"], buckets=DIFF_BUCKETS, registry=r)
+        self.shadow_diff_max = Histogram(
+            "mldcn_shadow_abs_diff_max", "max |primary - shadow| probability per request",
+            ["model", "shadow"], buckets=DIFF_BUCKETS, registry=r)
+        self.shadow_duration = Histogram(
+            "mldcn_shadow_duration_seconds", "shadow copy: submit to scores",
+            ["model", "shadow"], buckets=LATENCY_BUCKETS_S, registry=r)
+        self.model_loads = Counter("mldcn_model_loads", "model loads by result",
+                                   ["model", "result"], registry=r)
+        self.draining = Gauge("mldcn_draining", "1 while draining after SIGTERM",
+                              multiprocess_mode="max", registry=r)
 
     def exposition(self) -> tuple[bytes, str]:
         """(body, content type) of ``GET /metrics``, aggregated over workers if multiprocess."""

@@ -16,7 +16,13 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from export.repository import INPUT_NAMES, OUTPUT_NAME, ModelRepository, ModelVersion
+from export.repository import (
+    BATCH_AXIS,
+    INPUT_NAMES,
+    OUTPUT_NAME,
+    ModelRepository,
+    ModelVersion,
+)
 from service.encode import RequestEncoder
 from service.settings import Settings
 
@@ -110,6 +116,46 @@ def open_version(mv: ModelVersion, settings: Settings) -> ServedModel:
                        load_s=time.perf_counter() - t0)
 
 
+def validate_served(m: ServedModel, mv: ModelVersion) -> None:
+    """ModelLoadError unless ``m`` is fit to take traffic.
+
+    Beyond :func:`open_version` (content hash, model.json, session, tensor names): the graph's
+    inputs and outputs (types and shapes) are model.json's (``ModelVersion.verify``), the
+    encoders' layout is the graph's (one ``cat_ids`` column per categorical field of the
+    schema, one ``dense`` column per numeric field), and a test inference on an encoded
+    request (every feature missing, and one of every field set) returns one probability in
+    [0, 1] per row.
+    """
+    where = f"{m.name} version {m.version}"
+    try:
+        mv.verify(check_graph=True, session=m.session)
+    except ValueError as e:
+        raise ModelLoadError(f"cannot serve {where}: {e}") from None
+    schema = m.encoder.encoders.schema
+    shapes = [list(i.shape) for i in m.session.get_inputs()]
+    want = [[BATCH_AXIS, len(schema.categorical)], [BATCH_AXIS, len(schema.numeric)]]
+    if shapes != want:
+        raise ModelLoadError(f"cannot serve {where}: the graph's inputs have shapes {shapes}, "
+                             f"its encoders' schema needs {want}")
+    user = {f.name: "1" if f.type == "categorical" else 1.0 for f in schema.fields_on(["user"])}
+    context = {f.name: "1" if f.type == "categorical" else 1.0
+               for f in schema.fields_on(["context"])}
+    candidates = {f.name: ["1", None] if f.type == "categorical" else [1.0, None]
+                  for f in schema.fields_on(["candidate"])}
+    try:
+        cat, dense = m.encoder.encode(user, context, candidates or {"": [None, None]},
+                                      strict=False)
+        if len(cat) != 2:  # no candidate fields: two all-missing rows
+            cat, dense = m.example_inputs(2)
+        probs = np.asarray(m.run(cat, dense))
+    except Exception as e:  # the encoders or ONNX Runtime
+        raise ModelLoadError(f"cannot serve {where}: test inference failed: {e}") from None
+    if probs.shape != (2,) or not np.all(np.isfinite(probs)) or not np.all(
+            (probs >= 0) & (probs <= 1)):
+        raise ModelLoadError(f"cannot serve {where}: test inference returned {probs!r}, "
+                             "expected 2 probabilities in [0, 1]")
+
+
 def load_models(settings: Settings) -> dict[str, ServedModel]:
     """The latest version of each configured model (every model when none is configured)."""
     repo = ModelRepository(settings.repo)
@@ -126,11 +172,15 @@ def load_models(settings: Settings) -> dict[str, ServedModel]:
         except ValueError as e:
             raise ModelLoadError(str(e)) from None
         m = open_version(mv, settings)
+        validate_served(m, mv)
         log.info("loaded %s version %d (%s, %s, %.0f FLOPs/example) on %s in %.2fs", m.name,
                  m.version, m.arch, m.precision, m.flops_per_example, m.provider, m.load_s)
         out[name] = m
-    for role, name in (("default_model", settings.default_model),
-                       ("fallback_model", settings.fallback_model)):
+    roles = [("default_model", settings.default_model),
+             ("fallback_model", settings.fallback_model),
+             ("shadow_model", settings.shadow_model),
+             *(("ab arm", name) for name, _ in settings.ab_arms)]
+    for role, name in roles:
         if name is not None and name not in out:
             raise ModelLoadError(f"{role} {name!r} is not loaded (models: {sorted(out)})")
     return out

@@ -59,7 +59,12 @@ class ScoreRequest(BaseModel):
         default=None, max_length=MAX_STRING_LENGTH, description="echoed back in the response"
     )
     model: str | None = Field(
-        default=None, max_length=128, description="model name; default: the server's default"
+        default=None, max_length=128,
+        description="model name; default: the A/B arm of user_id, else the server's default",
+    )
+    user_id: str | None = Field(
+        default=None, max_length=MAX_STRING_LENGTH,
+        description="who the request is for: hashed to pick the A/B arm (never a feature)",
     )
     timeout_ms: FiniteFloat | None = Field(
         default=None, gt=0,
@@ -103,6 +108,9 @@ class ScoreResponse(BaseModel):
     version: int
     degraded: bool = Field(
         default=False, description="true when the fallback model scored it (timeout_action)"
+    )
+    arm: str | None = Field(
+        default=None, description="the A/B arm the request was assigned to (null: not split)"
     )
     scores: list[float] = Field(description="click probability per candidate, in order")
     timing: Timing

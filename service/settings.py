@@ -25,8 +25,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from service.routing import DEFAULT_SALT, Arms, parse_split
 
 ENV_PREFIX = "MLDCN_"
 
@@ -109,6 +111,52 @@ class Settings(BaseSettings):
         default=256, ge=1, description="longest string feature value or request id"
     )
 
+    # -- traffic: A/B split and shadow scoring (service.routing, service.shadow) ----------------
+    ab: str = Field(
+        default="",
+        description="A/B split of requests that name no model: 'model:weight,...' (weights "
+                    "normalised); empty = no split, the default model scores them",
+    )
+    ab_user_field: str = Field(
+        default="user_id",
+        description="user feature hashed for the A/B arm when the request has no user_id",
+    )
+    ab_salt: str = Field(default=DEFAULT_SALT, description="salt of the A/B hash (new salt = "
+                                                           "new random assignment)")
+    shadow_model: str | None = Field(
+        default=None, description="model that scores a copy of the traffic off the critical "
+                                  "path (scores summarised in metrics, never returned)",
+    )
+    shadow_fraction: float = Field(
+        default=1.0, ge=0.0, le=1.0, description="fraction of requests copied to the shadow"
+    )
+    shadow_max_queue_size: int = Field(
+        default=4, ge=1, description="shadow requests waiting; more -> the copy is dropped"
+    )
+    shadow_timeout_ms: float = Field(
+        default=1000.0, gt=0, description="a shadow copy not scored within this is dropped"
+    )
+    shadow_log: bool = Field(
+        default=False, description="log one line per shadow comparison (logger mldcn.shadow)"
+    )
+
+    # -- operations: admin API, repository polling, drain ----------------------------------------
+    admin_token: SecretStr | None = Field(
+        default=None, description="bearer token of the /admin endpoints; none -> they are 404"
+    )
+    admin_token_file: Path | None = Field(
+        default=None, description="file holding the admin token (instead of admin_token)"
+    )
+    poll_interval_s: float = Field(
+        default=0.0, ge=0.0,
+        description="check the repository for newer versions of loaded models every N s "
+                    "(0 = off); a newer version is validated and swapped in",
+    )
+    drain_grace_s: float = Field(
+        default=20.0, ge=0.0, le=3600.0,
+        description="on SIGTERM: longest wait for in-flight requests before exiting",
+    )
+
     # -- server ----------------------------------------------------------------------------------
     host: str = Field(default="127.0.0.1", description="address to listen on")
     port: int = Field(default=8000, ge=0, le=65535, description="port to listen on")
@@ -134,7 +182,40 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"default_model {self.default_model!r} must be one of models {self.models}"
             )
+        arms = parse_split(self.ab)  # ValueError names the problem
+        for role, names in (("ab arm", [n for n, _ in arms]),
+                            ("shadow_model", [self.shadow_model] if self.shadow_model else [])):
+            for name in names:
+                if self.models and name not in self.models:
+                    raise ValueError(f"{role} {name!r} must be one of models {self.models}")
+        if self.admin_token is not None and self.admin_token_file is not None:
+            raise ValueError("set admin_token or admin_token_file, not both")
+        if self.admin_token is not None and not self.admin_token.get_secret_value().strip():
+            raise ValueError("admin_token is empty (unset it to disable the admin endpoints)")
         return self
+
+    @property
+    def ab_arms(self) -> Arms:
+        """The A/B split as [(model, weight)], weights summing to 1 (empty: no split)."""
+        return parse_split(self.ab)
+
+    def admin_secret(self) -> bytes | None:
+        """The admin token (read from ``admin_token_file`` if that is set), None if disabled.
+
+        Raises ValueError when the file cannot be read or is empty.
+        """
+        if self.admin_token is not None:
+            return self.admin_token.get_secret_value().strip().encode()
+        if self.admin_token_file is None:
+            return None
+        try:
+            token = self.admin_token_file.read_text().strip()
+        except OSError as e:
+            raise ValueError(f"admin_token_file {self.admin_token_file}: cannot read it "
+                             f"({e.strerror or e})") from None
+        if not token:
+            raise ValueError(f"admin_token_file {self.admin_token_file} is empty")
+        return token.encode()
 
     @property
     def session_threads(self) -> int:
@@ -147,7 +228,9 @@ class Settings(BaseSettings):
         for name, value in self.model_dump().items():
             if value is None:
                 continue
-            if isinstance(value, list):
+            if isinstance(value, SecretStr):
+                value = value.get_secret_value()
+            elif isinstance(value, list):
                 value = ",".join(value)
             elif isinstance(value, bool):
                 value = "true" if value else "false"
