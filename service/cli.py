@@ -1,4 +1,6 @@
-"""``mldcn serve`` and ``mldcn bench serve``: registered by ``model.cli.build_parser``.
+"""``mldcn serve``, ``mldcn bench serve`` and ``mldcn bench gpu``.
+
+Registered by ``model.cli.build_parser``.
 
 Importing this module is cheap (argparse only). ``mldcn serve`` turns its flags into the
 ``MLDCN_*`` environment variables of :class:`service.settings.Settings` (flags win over the
@@ -8,6 +10,7 @@ every worker.
 
     mldcn serve --repo MODELS_DIR [--host H] [--port P] [--workers N] [--models a,b] ...
     mldcn bench serve --repo MODELS_DIR [--model NAME] [--out docs/bench/serve.json]
+    mldcn bench gpu [--repo MODELS_DIR --models a,b] [--out docs/bench/gpu.json] [--allow-cpu]
 """
 
 from __future__ import annotations
@@ -37,6 +40,16 @@ SERVE_FLAGS: dict[str, tuple[str, type, str]] = {
     "--max-candidates": ("max_candidates", int, "candidates per request (4096)"),
     "--execution-provider": ("execution_provider", str, "auto, cuda or cpu (auto)"),
     "--intra-op-threads": ("intra_op_threads", int, "ONNX Runtime threads (0: cores/workers)"),
+    "--on-provider-fallback": ("on_provider_fallback", str,
+                               "cuda asked for, session on CPU: fail or warn (fail)"),
+    "--device-id": ("device_id", int, "CUDA device (0)"),
+    "--cuda-arena-extend-strategy": ("cuda_arena_extend_strategy", str,
+                                     "kSameAsRequested or kNextPowerOfTwo (kSameAsRequested)"),
+    "--cuda-gpu-mem-limit-bytes": ("cuda_gpu_mem_limit_bytes", int,
+                                   "CUDA arena limit per session (0: none)"),
+    "--batch-buckets": ("batch_buckets", str,
+                        "batch sizes batches are padded to (64,128,...,4096)"),
+    "--pad-to-buckets": ("pad_to_buckets", str, "auto (CUDA only), on or off (auto)"),
     "--log-level": ("log_level", str, "uvicorn log level (info)"),
     "--ab": ("ab", str, "A/B split of requests naming no model, e.g. mldcn:0.5,dcnv2:0.5"),
     "--ab-user-field": ("ab_user_field", str, "user feature hashed when no user_id (user_id)"),
@@ -59,6 +72,8 @@ def add_serve_commands(sub: Any, bench_sub: Any | None = None) -> None:
         p.add_argument(flag, type=kind, default=None, help=help_text)
     p.add_argument("--no-dynamic-batching", action="store_true",
                    help="one request per batch (MLDCN_DYNAMIC_BATCHING=false)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="one CUDA graph per batch bucket (MLDCN_CUDA_GRAPHS=true)")
     p.add_argument("--access-log", action="store_true", help="log every request")
     p.set_defaults(func=cmd_serve)
     if bench_sub is not None:
@@ -76,6 +91,25 @@ def add_serve_commands(sub: Any, bench_sub: Any | None = None) -> None:
                        help="client connections in saturation runs")
         b.add_argument("--out", default="docs/bench/serve.json", help="JSON output path")
         b.set_defaults(func=cmd_bench_serve)
+        g = bench_sub.add_parser(
+            "gpu", help="GPU serving path: in-process and HTTP latency at 64..4096 candidates, "
+                        "DCNv2 vs ML-DCN, fp32/fp16, with and without CUDA graphs",
+            description="Needs the CUDA execution provider (pip install '.[gpu]'); exits 2 "
+                        "without it unless --allow-cpu. See docs/gpu.md.")
+        g.add_argument("--repo", help="model repository (default: train both architectures "
+                                      "at --preset and export fp32 and fp16 into a temporary "
+                                      "one)")
+        g.add_argument("--models", help="comma-separated names in --repo (default: all)")
+        g.add_argument("--preset", default="large", help="matched-FLOPs level without --repo")
+        g.add_argument("--sizes", default="64,128,256,512,1024,2048,4096",
+                       help="candidates per request")
+        g.add_argument("--requests", type=int, default=200, help="runs per size and mode")
+        g.add_argument("--no-http", action="store_true", help="in-process timings only")
+        g.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph runs")
+        g.add_argument("--allow-cpu", action="store_true",
+                       help="without CUDA, measure the CPU provider instead of exiting 2")
+        g.add_argument("--out", default="docs/bench/gpu.json", help="JSON output path")
+        g.set_defaults(func=cmd_bench_gpu)
 
 
 def serve_env(args: argparse.Namespace) -> dict[str, str]:
@@ -87,6 +121,8 @@ def serve_env(args: argparse.Namespace) -> dict[str, str]:
             env[f"MLDCN_{name.upper()}"] = str(value)
     if args.no_dynamic_batching:
         env["MLDCN_DYNAMIC_BATCHING"] = "false"
+    if getattr(args, "cuda_graphs", False):
+        env["MLDCN_CUDA_GRAPHS"] = "true"
     return env
 
 
@@ -113,6 +149,16 @@ def cmd_serve(args: argparse.Namespace) -> None:
     missing = [n for n in settings.models if n not in names]
     if missing:
         raise CLIError(f"models {missing} are not in {settings.repo} (it has {names})")
+    if settings.execution_provider == "cuda" and settings.on_provider_fallback == "fail":
+        import onnxruntime as ort
+
+        from service.gpu import CUDA
+
+        if CUDA not in ort.get_available_providers():
+            raise CLIError(f"execution_provider=cuda but ONNX Runtime offers "
+                           f"{ort.get_available_providers()}: install onnxruntime-gpu (pip "
+                           "install '.[gpu]') with a matching CUDA/cuDNN, or set "
+                           "MLDCN_ON_PROVIDER_FALLBACK=warn to serve on CPU")
     multiproc_dir = None
     if settings.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         multiproc_dir = tempfile.mkdtemp(prefix="mldcn-prometheus-")
@@ -134,6 +180,12 @@ def cmd_serve(args: argparse.Namespace) -> None:
             shutil.rmtree(multiproc_dir, ignore_errors=True)
     if code:
         raise SystemExit(code)
+
+
+def cmd_bench_gpu(args: argparse.Namespace) -> None:
+    from service import bench_gpu
+
+    bench_gpu.run_cli(args)
 
 
 def cmd_bench_serve(args: argparse.Namespace) -> None:

@@ -30,6 +30,7 @@ mldcn_shadow_abs_diff_max              histogram  per request max |primary - sha
 mldcn_shadow_duration_seconds          histogram  shadow copy: submit to scores
 mldcn_model_loads_total                counter    admin/polling loads by model and result
 mldcn_draining                         gauge      1 after SIGTERM while in-flight work finishes
+mldcn_provider_fallback                gauge      1: CUDA was asked for, the model runs on CPU
 =====================================  =========  =============================================
 
 ``mldcn_requests_total`` and ``mldcn_request_duration_seconds`` count ``/v1/score`` and
@@ -142,6 +143,10 @@ class Metrics:
                                    ["model", "result"], registry=r)
         self.draining = Gauge("mldcn_draining", "1 while draining after SIGTERM",
                               multiprocess_mode="max", registry=r)
+        self.provider_fallback = Gauge(
+            "mldcn_provider_fallback", "1 when execution_provider=cuda but the model's session "
+            "runs on CPU (on_provider_fallback=warn)", ["model"], multiprocess_mode="max",
+            registry=r)
 
     def exposition(self) -> tuple[bytes, str]:
         """(body, content type) of ``GET /metrics``, aggregated over workers if multiprocess."""

@@ -1,16 +1,24 @@
 """Serving-side model loading: repository versions → ONNX Runtime sessions + request encoders.
 
 The one place the service reads the model repository (through ``export.repository``, which is
-torch-free) and creates ONNX Runtime sessions. Provider choice: the CUDA execution provider when
-ONNX Runtime has it and a GPU answers (``execution_provider=auto``), else CPU; the provider a
+torch-free) and creates ONNX Runtime sessions. Provider choice (``execution_provider``): ``auto``
+takes the CUDA execution provider when ONNX Runtime offers it, else CPU; ``cuda`` insists on it,
+and a session that ends up on CPU anyway is refused or served with a loud warning and the
+``mldcn_provider_fallback`` metric (``on_provider_fallback``); ``cpu`` is CPU. The provider a
 session really uses is reported (``ServedModel.provider``), in the start-up log and in metrics.
+
+On CUDA, batches are padded to ``batch_buckets`` (:mod:`service.buckets`) and run through
+IOBinding with preallocated per-bucket buffers, optionally replayed as one CUDA graph per
+bucket (:mod:`service.gpu`); ``pad_to_buckets=on`` runs the same path on CPU. fp16 versions
+(``mldcn export --fp16``) keep float32 inputs and output, so they are served the same way.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -23,30 +31,46 @@ from export.repository import (
     ModelRepository,
     ModelVersion,
 )
+from service.buckets import BucketedRunner, active_buckets
 from service.encode import RequestEncoder
+from service.gpu import CPU, CUDA, BoundRunner, cuda_provider_options, resolve_providers
 from service.settings import Settings
 
 log = logging.getLogger("mldcn.service")
-
-CPU = "CPUExecutionProvider"
-CUDA = "CUDAExecutionProvider"
-
 
 class ModelLoadError(RuntimeError):
     """A model version that cannot be served; names the version and the problem."""
 
 
 def choose_providers(choice: str = "auto") -> list[str]:
-    """ONNX Runtime providers for ``choice`` (auto, cuda, cpu), most preferred first."""
-    available = ort.get_available_providers()
-    if choice == "cpu":
-        return [CPU]
-    if choice == "cuda":
-        if CUDA not in available:
-            raise ModelLoadError(f"execution_provider=cuda but ONNX Runtime offers {available} "
-                                 "(install onnxruntime-gpu)")
-        return [CUDA, CPU]
-    return [CUDA, CPU] if CUDA in available else [CPU]
+    """ONNX Runtime provider names for ``choice`` (auto, cuda, cpu), most preferred first.
+
+    ``cuda`` when ONNX Runtime does not offer CUDA is a ModelLoadError (what
+    ``on_provider_fallback=fail`` does; :func:`open_version` applies the setting).
+    """
+    providers, cuda = resolve_providers(choice, {})
+    if choice == "cuda" and not cuda:
+        raise ModelLoadError(f"execution_provider=cuda but ONNX Runtime offers "
+                             f"{ort.get_available_providers()} (install onnxruntime-gpu)")
+    return [p if isinstance(p, str) else p[0] for p in providers]
+
+
+def cuda_options(settings: Settings, cuda_graphs: bool | None = None) -> dict[str, str]:
+    """The CUDA execution provider options of ``settings`` (see :mod:`service.gpu`)."""
+    return cuda_provider_options(
+        device_id=settings.device_id,
+        arena_extend_strategy=settings.cuda_arena_extend_strategy,
+        gpu_mem_limit_bytes=settings.cuda_gpu_mem_limit_bytes,
+        copy_in_default_stream=settings.cuda_copy_in_default_stream,
+        cuda_graphs=settings.cuda_graphs if cuda_graphs is None else cuda_graphs)
+
+
+def fallback_message(name: str, version: int, active: str) -> str:
+    """The one-line error of a CUDA request that ended up elsewhere."""
+    return (f"{name} version {version}: execution_provider=cuda but the session runs on "
+            f"{active} (ONNX Runtime offers {ort.get_available_providers()}; install "
+            "onnxruntime-gpu with a matching CUDA/cuDNN, or set MLDCN_ON_PROVIDER_FALLBACK=warn "
+            "to serve on CPU)")
 
 
 def session_options(intra_op_threads: int, inter_op_threads: int = 1) -> ort.SessionOptions:
@@ -70,6 +94,11 @@ class ServedModel:
     encoder: RequestEncoder
     provider: str
     load_s: float
+    buckets: tuple[int, ...] = ()  # padded batch sizes; () = unpadded
+    cuda_graphs: bool = False  # one CUDA graph per bucket is captured and replayed
+    provider_fallback: bool = False  # CUDA was asked for, the session runs on CPU (warn)
+    runner: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = field(default=None,
+                                                                          repr=False)
 
     @property
     def precision(self) -> str:
@@ -85,6 +114,8 @@ class ServedModel:
 
     def run(self, cat_ids: np.ndarray, dense: np.ndarray) -> np.ndarray:
         """Probabilities (B,) float32 for encoded rows (thread-safe; releases the GIL)."""
+        if self.runner is not None:  # padded to buckets, IOBinding
+            return self.runner(cat_ids, dense)
         feeds = {INPUT_NAMES[0]: cat_ids, INPUT_NAMES[1]: dense}
         return self.session.run([OUTPUT_NAME], feeds)[0]
 
@@ -94,15 +125,41 @@ class ServedModel:
                 np.zeros((rows, self.encoder.num_dense), np.float32))
 
 
+def _create_session(mv: ModelVersion, settings: Settings) -> tuple[ort.InferenceSession, bool]:
+    """(session, CUDA graphs on): the providers of ``settings``; a session that cannot take
+    CUDA graphs (a node outside the CUDA provider) is opened again without them."""
+    opts = session_options(settings.session_threads, settings.inter_op_threads)
+    providers, cuda = resolve_providers(settings.execution_provider, cuda_options(settings))
+    graphs = cuda and settings.cuda_graphs
+    try:
+        return ort.InferenceSession(str(mv.onnx_path), sess_options=opts,
+                                    providers=providers), graphs
+    except Exception as e:
+        if not graphs:
+            raise
+        log.error("%s version %d: CUDA graphs refused (%s); serving without them", mv.name,
+                  mv.version, str(e).splitlines()[0] if str(e) else type(e).__name__)
+    providers, _ = resolve_providers(settings.execution_provider,
+                                     cuda_options(settings, cuda_graphs=False))
+    return ort.InferenceSession(str(mv.onnx_path), sess_options=opts, providers=providers), False
+
+
 def open_version(mv: ModelVersion, settings: Settings) -> ServedModel:
-    """Check a repository version (content hash, model.json) and open its session."""
+    """Check a repository version (content hash, model.json) and open its session.
+
+    With ``execution_provider=cuda``, a session not on the CUDA provider is a ModelLoadError
+    (``on_provider_fallback=fail``) or is served on CPU with ``provider_fallback`` set
+    (``warn``, logged as an error).
+    """
     t0 = time.perf_counter()
+    wants_cuda = settings.execution_provider == "cuda"
+    if (wants_cuda and settings.on_provider_fallback == "fail"
+            and CUDA not in ort.get_available_providers()):
+        raise ModelLoadError(fallback_message(mv.name, mv.version, CPU))  # before any work
     try:
         mv.verify(check_graph=False)
         encoder = RequestEncoder(mv.encoders)
-        opts = session_options(settings.session_threads, settings.inter_op_threads)
-        session = ort.InferenceSession(str(mv.onnx_path), sess_options=opts,
-                                       providers=choose_providers(settings.execution_provider))
+        session, graphs = _create_session(mv, settings)
     except ModelLoadError:
         raise
     except Exception as e:  # RepositoryError, SchemaError, ONNX Runtime's own errors
@@ -111,9 +168,27 @@ def open_version(mv: ModelVersion, settings: Settings) -> ServedModel:
     if names != (list(INPUT_NAMES), [OUTPUT_NAME]):
         raise ModelLoadError(f"{mv.onnx_path}: inputs/outputs {names}, expected "
                              f"{list(INPUT_NAMES)} -> {OUTPUT_NAME}")
-    return ServedModel(name=mv.name, version=mv.version, meta=mv.meta, session=session,
-                       encoder=encoder, provider=session.get_providers()[0],
-                       load_s=time.perf_counter() - t0)
+    provider = session.get_providers()[0]
+    fell_back = wants_cuda and provider != CUDA
+    if fell_back:
+        if settings.on_provider_fallback == "fail":
+            raise ModelLoadError(fallback_message(mv.name, mv.version, provider))
+        log.error("PROVIDER FALLBACK: %s; serving on %s (mldcn_provider_fallback=1)",
+                  fallback_message(mv.name, mv.version, provider), provider)
+    on_cuda = provider == CUDA
+    pad = settings.pad_to_buckets == "on" or (settings.pad_to_buckets == "auto" and on_cuda)
+    m = ServedModel(name=mv.name, version=mv.version, meta=mv.meta, session=session,
+                    encoder=encoder, provider=provider, load_s=0.0,
+                    provider_fallback=fell_back)
+    if pad:
+        buckets = active_buckets(settings.batch_buckets, settings.max_batch_size)
+        bound = BoundRunner(session, buckets, encoder.num_cat, encoder.num_dense,
+                            device="cuda" if on_cuda else "cpu", device_id=settings.device_id,
+                            cuda_graphs=graphs and on_cuda)
+        m.runner = BucketedRunner(bound, buckets)
+        m.buckets, m.cuda_graphs = buckets, bound.cuda_graphs
+    m.load_s = time.perf_counter() - t0
+    return m
 
 
 def validate_served(m: ServedModel, mv: ModelVersion) -> None:
@@ -173,8 +248,10 @@ def load_models(settings: Settings) -> dict[str, ServedModel]:
             raise ModelLoadError(str(e)) from None
         m = open_version(mv, settings)
         validate_served(m, mv)
-        log.info("loaded %s version %d (%s, %s, %.0f FLOPs/example) on %s in %.2fs", m.name,
-                 m.version, m.arch, m.precision, m.flops_per_example, m.provider, m.load_s)
+        log.info("loaded %s version %d (%s, %s, %.0f FLOPs/example) on %s in %.2fs; "
+                 "buckets %s, CUDA graphs %s", m.name, m.version, m.arch, m.precision,
+                 m.flops_per_example, m.provider, m.load_s, list(m.buckets) or "off",
+                 "on" if m.cuda_graphs else "off")
         out[name] = m
     roles = [("default_model", settings.default_model),
              ("fallback_model", settings.fallback_model),

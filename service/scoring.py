@@ -162,10 +162,13 @@ class ScoringService:
         self.metrics.model_info.labels(**labels, provider=m.provider, precision=m.precision,
                                        arch=m.arch).set(1)
         self.metrics.flops.labels(**labels).set(m.flops_per_example)
+        self.metrics.provider_fallback.labels(model=m.name).set(int(m.provider_fallback))
         self.metrics.queue_depth.labels(model=m.name).set(0)
-        log.info("serving %s version %d (%s, %s) on %s, %d ONNX Runtime threads; latency "
-                 "model %.3f ms + %.2f us/row", m.name, m.version, m.arch, m.precision,
-                 m.provider, s.session_threads, latency.fixed_s * 1e3, latency.per_row_s * 1e6)
+        log.info("serving %s version %d (%s, %s) on %s, %d ONNX Runtime threads, buckets %s, "
+                 "CUDA graphs %s; latency model %.3f ms + %.2f us/row", m.name, m.version,
+                 m.arch, m.precision, m.provider, s.session_threads,
+                 ",".join(map(str, m.buckets)) or "off", "on" if m.cuda_graphs else "off",
+                 latency.fixed_s * 1e3, latency.per_row_s * 1e6)
         return old
 
     def _retire(self, m: ServedModel, batcher: Batcher) -> None:
@@ -278,10 +281,12 @@ class ScoringService:
 
     def _warmup(self, m: ServedModel) -> tuple[LatencyModel, LatencyModel]:
         """Run every warmup batch size ``warmup_runs`` times; return the seeded latency models
-        (batch, encoding)."""
+        (batch, encoding). A model padded to buckets also runs each bucket's own size, so
+        that every bucket's kernels are cached (and its CUDA graph captured) before ready."""
         latency = LatencyModel(self.settings.latency_window)
         encode_cost = LatencyModel(self.settings.latency_window)
-        sizes = sorted({min(r, self.settings.max_batch_size) for r in WARMUP_ROWS})
+        sizes = sorted({min(r, self.settings.max_batch_size) for r in WARMUP_ROWS}
+                       | set(m.buckets))
         for rows in sizes:
             cat, dense = m.example_inputs(rows)
             times = []

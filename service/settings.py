@@ -28,6 +28,7 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from service.buckets import DEFAULT_BUCKETS, parse_buckets
 from service.routing import DEFAULT_SALT, Arms, parse_split
 
 ENV_PREFIX = "MLDCN_"
@@ -65,6 +66,38 @@ class Settings(BaseSettings):
     inter_op_threads: int = Field(default=1, ge=1, description="ONNX Runtime inter-op threads")
     warmup_runs: int = Field(
         default=20, ge=1, description="warmup runs per batch size before ready (seeds latency)"
+    )
+
+    # -- GPU path (service.gpu, service.buckets; docs/gpu.md) ------------------------------------
+    on_provider_fallback: Literal["fail", "warn"] = Field(
+        default="fail",
+        description="execution_provider=cuda but a session runs on CPU: fail (refuse to start "
+                    "or load) or warn (serve on CPU, log an error, set "
+                    "mldcn_provider_fallback{model} 1)",
+    )
+    device_id: int = Field(default=0, ge=0, description="CUDA device of the sessions")
+    cuda_arena_extend_strategy: Literal["kNextPowerOfTwo", "kSameAsRequested"] = Field(
+        default="kSameAsRequested",
+        description="CUDA memory arena growth: kSameAsRequested suits fixed buckets",
+    )
+    cuda_gpu_mem_limit_bytes: int = Field(
+        default=0, ge=0, description="CUDA memory arena limit per session (0 = no limit)"
+    )
+    cuda_copy_in_default_stream: bool = Field(
+        default=True, description="CUDA provider: copies on the default stream (ORT default)"
+    )
+    cuda_graphs: bool = Field(
+        default=False,
+        description="capture one CUDA graph per batch bucket (CUDA provider only; needs "
+                    "every node on CUDA, else the session runs without graphs and says so)",
+    )
+    batch_buckets: Annotated[list[int], NoDecode] = Field(
+        default_factory=lambda: list(DEFAULT_BUCKETS),
+        description="row counts batches are padded to (and split above the largest)",
+    )
+    pad_to_buckets: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="pad batches to batch_buckets: auto = on the CUDA provider only",
     )
 
     # -- batching (Triton names) ---------------------------------------------------------------
@@ -170,6 +203,13 @@ class Settings(BaseSettings):
             return [s.strip() for s in v.split(",") if s.strip()]
         return v
 
+    @field_validator("batch_buckets", mode="before")
+    @classmethod
+    def _split_buckets(cls, v: object) -> object:
+        if isinstance(v, str | list | tuple):
+            return list(parse_buckets(v))  # ValueError names the problem
+        return v
+
     @model_validator(mode="after")
     def _check(self) -> Settings:
         if self.timeout_action == "degrade" and not self.fallback_model:
@@ -188,6 +228,9 @@ class Settings(BaseSettings):
             for name in names:
                 if self.models and name not in self.models:
                     raise ValueError(f"{role} {name!r} must be one of models {self.models}")
+        if self.cuda_graphs and self.pad_to_buckets == "off":
+            raise ValueError("cuda_graphs needs fixed batch shapes: set pad_to_buckets to auto "
+                             "or on (not off)")
         if self.admin_token is not None and self.admin_token_file is not None:
             raise ValueError("set admin_token or admin_token_file, not both")
         if self.admin_token is not None and not self.admin_token.get_secret_value().strip():
@@ -231,7 +274,7 @@ class Settings(BaseSettings):
             if isinstance(value, SecretStr):
                 value = value.get_secret_value()
             elif isinstance(value, list):
-                value = ",".join(value)
+                value = ",".join(map(str, value))
             elif isinstance(value, bool):
                 value = "true" if value else "false"
             out[ENV_PREFIX + name.upper()] = str(value)
