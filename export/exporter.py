@@ -7,14 +7,18 @@
    output ``probability`` float32 (B,) = sigmoid(logit), batch axis dynamic) with the TorchScript
    exporter (``torch.onnx.export(..., dynamo=False)``, opset ``OPSET``) into a dot-prefixed
    staging folder inside ``MODELS_DIR/NAME``; both inputs are declared even when one is unused
-   (F_cat = 0), and ``onnx.checker.check_model(full_check=True)`` must pass;
-3. run the staged graph in ONNX Runtime (CPUExecutionProvider) against PyTorch fp32 on random
+   (F_cat = 0), and ``onnx.checker.check_model(full_check=True)`` must pass. What is traced is
+   ``serving_form(model)``: for ML-DCN the fused inference graph of ``model.fuse`` (graph form
+   "fused"), for the other architectures the model itself ("plain");
+3. run the staged graph in ONNX Runtime (CPUExecutionProvider) against the run's own (unfused)
+   PyTorch fp32 model, so the parity checks also prove the fused graph equivalent, on random
    inputs and on real rows (``samples/valid.npz``, encoded validation rows, and
    ``samples/raw_rows.json``, raw rows encoded with the run's encoders) at batch sizes
    ``PARITY_BATCH_SIZES`` (real rows topped up with random ones where there are too few), and on
    all validation rows for the AUC. fp32 must agree within ``FP32_TOLERANCE`` (max absolute
    difference of probabilities), else ``ParityError`` and nothing is written;
-4. write model.json (see ``export.repository``) and publish the folder with one ``os.rename``.
+4. write model.json (see ``export.repository``; ``onnx.graph_form`` and the graph's operator
+   counts record which form was written) and publish the folder with one ``os.rename``.
 
 fp16 (``fp16=True``): the model's weights are cast to float16 and traced with float32 ↔ float16
 casts at the boundary (``dense`` is cast to float16 on entry, the logit to float32 before the
@@ -63,9 +67,12 @@ from export.repository import (
     write_meta,
 )
 from model.config import ModelConfig
+from model.ctr import CTRModel
 from model.encoders import FeatureEncoders
 from model.flops import model_flops
+from model.fuse import fuse_for_inference
 from model.metrics import roc_auc
+from model.modules import MaskedLowRankCrossNet
 from model.schema import SchemaError
 
 OPSET = 17
@@ -262,6 +269,34 @@ def _check_rows(run: RunFolder, cat: np.ndarray, dense: np.ndarray, where: Path)
         raise ExportError(f"{where}: rows do not fit the model: {_one_line(e)}") from None
     if not np.all(np.isfinite(dense)):
         raise ExportError(f"{where}: dense features contain NaN or inf")
+
+
+def serving_form(model: nn.Module) -> tuple[nn.Module, str]:
+    """The module to trace for ``model`` and its graph form: ("fused", ML-DCN) or ("plain").
+
+    ML-DCN models (``CTRModel`` with a ``MaskedLowRankCrossNet``) become
+    ``model.fuse.fuse_for_inference(model)``: the same function with fewer, larger operators.
+
+    Example:
+        >>> from model.ctr import build_model
+        >>> cfg = ModelConfig(arch="mldcn", embed_dim=2, num_layers=1, rank=2, mlp_dims=(4,))
+        >>> type(serving_form(build_model(cfg, [3], 1).eval())[0]).__name__
+        'FusedMLDCN'
+        >>> serving_form(build_model(ModelConfig(arch="mlp", mlp_dims=(4,)), [3], 1))[1]
+        'plain'
+    """
+    if isinstance(model, CTRModel) and isinstance(model.interaction, MaskedLowRankCrossNet):
+        return fuse_for_inference(model), "fused"
+    return model, "plain"
+
+
+def op_counts(graph_model: onnx.ModelProto) -> dict[str, int]:
+    """Nodes of the graph by op_type, sorted by name; ``Constant`` nodes (data) are not counted."""
+    counts: dict[str, int] = {}
+    for node in graph_model.graph.node:
+        if node.op_type != "Constant":
+            counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return dict(sorted(counts.items()))
 
 
 def export_graph(
@@ -480,12 +515,14 @@ def build_meta(
     onnx_path: Path,
     precision: str,
     parity: dict[str, Any],
+    graph_form: str = "plain",
 ) -> dict[str, Any]:
     """model.json for a staged model.onnx (see ``export.repository`` for the fields)."""
     cards, num_dense = run.cardinalities, run.num_dense
     flops = model_flops(run.config, cards, num_dense)
     inputs, outputs = io_spec(len(cards), num_dense)
     opset = next(o.version for o in graph_model.opset_import if o.domain in ("", "ai.onnx"))
+    counts = op_counts(graph_model)
     return {
         "format_version": 1,
         "created_at": utc_now(),
@@ -505,7 +542,9 @@ def build_meta(
         "parity": parity,
         "onnx": {"opset": int(opset), "ir_version": int(graph_model.ir_version),
                  "exporter": EXPORTER, "torch_version": torch.__version__,
-                 "onnx_version": onnx.__version__, "onnxruntime_version": ort.__version__},
+                 "onnx_version": onnx.__version__, "onnxruntime_version": ort.__version__,
+                 "graph_form": graph_form, "op_counts": counts,
+                 "node_count": sum(counts.values())},
         "source": {"run_dir": str(run.path.resolve()),
                    "checkpoint_sha256": sha256_file(run.path / "checkpoint.pt")},
     }
@@ -562,14 +601,16 @@ def export_run(
     precision = "fp16" if fp16 else "fp32"
     with staging_dir(repo_path, name) as staging:
         onnx_path = staging / MODEL_FILE
-        graph_model = export_graph(run.model, onnx_path, len(run.cardinalities), run.num_dense,
+        serving, graph_form = serving_form(run.model)
+        graph_model = export_graph(serving, onnx_path, len(run.cardinalities), run.num_dense,
                                    half=fp16)
+        log(f"graph: {graph_form} form, {sum(op_counts(graph_model).values())} operators")
         parity = check_parity(run, samples, onnx_path, precision)
         log(f"parity ({precision}, ONNX Runtime {PROVIDER} vs PyTorch fp32): max |Δp| "
             f"{parity['max_abs_diff']:.2e} over {len(parity['checks'])} checks; validation AUC "
             f"{parity['auc_torch']:.4f} → {parity['auc_onnx']:.4f} "
             f"(change {parity['auc_change']:+.5f})")
-        meta = build_meta(run, graph_model, onnx_path, precision, parity)
+        meta = build_meta(run, graph_model, onnx_path, precision, parity, graph_form)
         write_meta(staging / META_FILE, meta)
         final = publish(staging, repo_path / name, version)
     number = int(final.name)

@@ -53,7 +53,11 @@ parity
     ``max_abs_diff``, ``checks`` (input kind, batch size, real rows, max abs diff each), and
     the AUC on the validation rows (``auc_torch``, ``auc_onnx``, ``auc_change``).
 onnx
-    ``opset``, ``ir_version``, ``exporter`` and the torch/onnx/onnxruntime versions.
+    ``opset``, ``ir_version``, ``exporter`` and the torch/onnx/onnxruntime versions;
+    ``graph_form`` (``GRAPH_FORMS``: "plain", the model as trained, or "fused", ML-DCN's
+    inference form from ``model.fuse``), ``op_counts`` (nodes of model.onnx by op_type, Constant
+    nodes not counted) and ``node_count`` (their sum). Files written before these three keys
+    existed lack them and stay valid.
 source
     The run folder and the SHA-256 of its checkpoint.
 
@@ -103,6 +107,7 @@ META_FORMAT_VERSION = 1
 STAGING_PREFIX = ".export-"
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 PRECISIONS: tuple[str, ...] = ("fp32", "fp16")
+GRAPH_FORMS: tuple[str, ...] = ("plain", "fused")
 BATCH_AXIS = "batch"
 INPUT_NAMES: tuple[str, str] = ("cat_ids", "dense")
 OUTPUT_NAME = "probability"
@@ -210,13 +215,33 @@ def _fail(path: Path, problem: str) -> RepositoryError:
     return RepositoryError(f"{path}: {problem}")
 
 
+def _check_graph_keys(info: dict[str, Any], where: Path) -> None:
+    """``onnx.graph_form``, ``op_counts`` and ``node_count``: optional, consistent if present."""
+    form = info.get("graph_form")
+    if form is not None and form not in GRAPH_FORMS:
+        raise _fail(where, f"onnx.graph_form must be one of {GRAPH_FORMS}, got {form!r}")
+    counts = info.get("op_counts")
+    if counts is None:
+        return
+    if not isinstance(counts, dict) or not all(
+        isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 0
+        for k, v in counts.items()
+    ):
+        raise _fail(where, "onnx.op_counts must map op types to counts >= 0")
+    if info.get("node_count") != sum(counts.values()):
+        raise _fail(where, f"onnx.node_count {info.get('node_count')!r} is not the sum of "
+                           f"onnx.op_counts ({sum(counts.values())})")
+
+
 def validate_meta(meta: Any, where: Path) -> dict[str, Any]:
     """Check a parsed model.json's structure and internal consistency; return it.
 
     Consistent means: every key of ``META_KEYS`` is there; the encoders parse, their schema is
     ``schema``, their layout is ``model.cardinalities`` / ``model.num_dense``; ``inputs`` and
-    ``outputs`` are exactly ``io_spec`` of that layout (names, dtypes and shapes). Raises
-    RepositoryError naming ``where`` and the problem.
+    ``outputs`` are exactly ``io_spec`` of that layout (names, dtypes and shapes); where
+    ``onnx.graph_form`` / ``onnx.op_counts`` are present, the form is one of ``GRAPH_FORMS`` and
+    ``onnx.node_count`` is the counts' sum. Raises RepositoryError naming ``where`` and the
+    problem.
     """
     if not isinstance(meta, dict):
         raise _fail(where, "is not a JSON object")
@@ -242,6 +267,7 @@ def validate_meta(meta: Any, where: Path) -> dict[str, Any]:
     for key in ("cost", "metrics", "parity", "onnx", "source"):
         if not isinstance(meta[key], dict):
             raise _fail(where, f"{key} must be an object, got {type(meta[key]).__name__}")
+    _check_graph_keys(meta["onnx"], where)
     model = meta["model"]
     if not isinstance(model, dict) or not {"arch", "config", "cardinalities", "num_dense"} <= set(
         model

@@ -8,7 +8,10 @@
     mldcn export  export a run folder to the model repository as parity-checked ONNX
     mldcn models  list the model repository (``mldcn models list MODELS_DIR``)
     mldcn serve   run the scoring service on a model repository (FastAPI + ONNX Runtime)
-    mldcn bench   benchmarks: training (pipeline overhead, peak memory), serving latency
+    mldcn bench   benchmarks: training (pipeline overhead, peak memory), serving latency,
+                  quality (test AUC at matched FLOPs over archs, levels and seeds)
+    mldcn loadtest load tests with Locust: ``compare`` two models, ``run`` against a server
+    mldcn data    build real datasets (``mldcn data movielens OUT_DIR``: MovieLens-100K as CTR)
 
 Expected errors (bad paths, unknown architectures, malformed rows, schema mismatches) end with
 one line ``mldcn: error: ...`` on stderr and exit status 2, never a traceback (set
@@ -98,7 +101,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     d.add_argument("--valid-frac", type=float, default=0.1)
     d.add_argument("--test-frac", type=float, default=0.1)
     m = p.add_argument_group("model")
-    m.add_argument("--arch", default="mldcn", help="mldcn, dcnv2, masknet or mlp")
+    m.add_argument("--arch", default="mldcn",
+                   help="mldcn, dcnv2, masknet, mlp, wukong or rankmixer")
     m.add_argument("--preset", default="small", help="matched-FLOPs level: small, medium, large")
     m.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a model hyper-parameter, e.g. --set rank=32 (repeatable)")
@@ -173,12 +177,12 @@ def cmd_presets(args: argparse.Namespace) -> None:
     from model.presets import preset_table
 
     rows = preset_table([2] * args.categorical, args.numeric)
-    print(f"{'level':<7} {'arch':<8} {'MFLOPs':>8} {'vs dcnv2':>9} {'dense params':>13}  "
+    print(f"{'level':<7} {'arch':<10} {'MFLOPs':>8} {'vs dcnv2':>9} {'dense params':>13}  "
           "shared | arch-specific")
     for r in rows:
         shared = " ".join(f"{k}={v}" for k, v in r["shared"].items())
         key = " ".join(f"{k}={v}" for k, v in r["key"].items())
-        print(f"{r['level']:<7} {r['arch']:<8} {r['total_flops'] / 1e6:8.3f} "
+        print(f"{r['level']:<7} {r['arch']:<10} {r['total_flops'] / 1e6:8.3f} "
               f"{100 * r['mismatch']:+8.2f}% {r['dense_params']:13,}  {shared} | {key}")
 
 
@@ -294,11 +298,87 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--level", default="small")
     p.add_argument("--out", help="JSON output path")
     p.set_defaults(func=lambda a: _bench("main_memory", a))
+    p = bsub.add_parser("fusion", help="ONNX Runtime latency of ML-DCN (unfused, fused) vs DCNv2")
+    p.add_argument("--configs", default="issue,small,medium,large",
+                   help="comma-separated: issue (d = 624), small, medium, large (Criteo presets)")
+    p.add_argument("--batches", default="1,64,512,2048")
+    p.add_argument("--threads", default="1", help="intra-op thread counts, e.g. 1,2")
+    p.add_argument("--repeats", type=int, default=9, help="interleaved rounds (default 9)")
+    p.add_argument("--target-s", type=float, default=0.2,
+                   help="seconds per measurement (default 0.2)")
+    p.add_argument("--profile-batches", default="64,512,2048",
+                   help="batch sizes of the per-operator profiles of the issue config ('': none)")
+    p.add_argument("--out", default="docs/bench/fusion.json", help="JSON output path")
+    p.add_argument("--doc", default="docs/fusion.md", help="markdown report to update")
+    p.set_defaults(func=_bench_fusion)
+
+    _add_quality_commands(sub, bsub)
 
     from service.cli import add_serve_commands  # argparse only; the service loads on use
 
     add_serve_commands(sub, bsub)
+
+    from loadtest.cli import add_loadtest_commands  # argparse only; Locust loads on use
+
+    add_loadtest_commands(sub)
     return parser
+
+
+def _add_quality_commands(sub: Any, bsub: Any) -> None:
+    """``mldcn bench quality`` and ``mldcn data movielens`` (modules imported when they run)."""
+    p = bsub.add_parser("quality", help="test AUC at matched FLOPs: archs x levels x seeds")
+    p.add_argument("--data", nargs="+", required=True, metavar="PATH",
+                   help="click-log files read as one stream")
+    p.add_argument("--test-data", nargs="+", metavar="PATH",
+                   help="separate test file(s); --data is then split into train/valid only")
+    p.add_argument("--format", default="auto")
+    p.add_argument("--schema", help="feature schema (required for CSV/Parquet)")
+    p.add_argument("--split", default="random", choices=["random", "time"])
+    p.add_argument("--time-column", help="time column (default: the schema's)")
+    p.add_argument("--valid-frac", type=float, default=0.1)
+    p.add_argument("--test-frac", type=float, default=0.1)
+    p.add_argument("--split-seed", type=int, default=0, help="seed of a random split (fixed)")
+    p.add_argument("--archs", default="mldcn,dcnv2,masknet,wukong,rankmixer")
+    p.add_argument("--levels", default="small,medium,large")
+    p.add_argument("--seeds", type=int, default=5, help="number of seeds (0..N-1)")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=2048)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--patience", type=int, default=2, help="early-stopping patience (epochs)")
+    p.add_argument("--max-rows", type=int, help="read only the first N rows of each input")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    p.add_argument("--title", default="", help="report title")
+    p.add_argument("--out", required=True, help="study folder (resumed if it exists)")
+    p.set_defaults(func=_bench_quality)
+
+    data = sub.add_parser("data", help="build real datasets")
+    dsub = data.add_subparsers(dest="dataset", required=True, parser_class=_Parser)
+    p = dsub.add_parser("movielens", help="MovieLens-100K as CTR (from the recbole wheel)")
+    p.add_argument("out", help="output folder (ml-100k.parquet, schema.json)")
+    p.add_argument("--cache", help="download cache (default .cache/mldcn or $MLDCN_CACHE)")
+    p.set_defaults(func=_data_movielens)
+
+
+def _bench_quality(args: argparse.Namespace) -> None:
+    from model import bench_quality
+
+    bench_quality.main(args)
+
+
+def _data_movielens(args: argparse.Namespace) -> None:
+    from model.movielens import MovieLensError, build_movielens
+
+    try:
+        summary = build_movielens(args.out, cache_dir=args.cache)
+    except MovieLensError as e:
+        raise CLIError(str(e)) from None
+    print(json.dumps(summary, indent=2))
+
+
+def _bench_fusion(args: argparse.Namespace) -> None:
+    from export import bench_fusion  # onnxruntime, torch: imported only when it runs
+
+    bench_fusion.main(args)
 
 
 def _bench(name: str, args: argparse.Namespace) -> None:

@@ -8,8 +8,8 @@ raises ``ConfigError`` (a ``ValueError``) that names the field and what was expe
 Fields, by the architecture that reads them (see /shared/MODELS.md for the equations):
 
 Shared
-  arch          "mldcn", "dcnv2", "masknet" or "mlp" (``ARCHS``); "lr" (logistic regression,
-                ``BASELINES``) is a baseline for tests and sanity checks.
+  arch          "mldcn", "dcnv2", "masknet", "mlp", "wukong" or "rankmixer" (``ARCHS``); "lr"
+                (logistic regression, ``BASELINES``) is a baseline for tests and sanity checks.
   embed_dim     e, the size of every categorical field's embedding. The interaction input is
                 x0 = concat(field embeddings, dense features), d = F_cat·e + F_num.
   structure     how the interaction output meets the deep tower (DCNv2 paper terms):
@@ -45,6 +45,14 @@ ML-DCN (default formulation and its ablations)
                       layer's mask reads LN(x_l)).
   mask_activation     "linear" (default, m = W2 a + c2), "sigmoid" or "2sigmoid" (2·σ(·)).
   residual_layernorm  LayerNorm after each layer's residual sum.
+
+WuKong and RankMixer (the scaling-oriented alternatives; ``model/modules/wukong.py`` and
+``rankmixer.py``). Both read x0 as tokens: the F_cat field embeddings, plus one token projected
+from all dense features when F_num > 0 (n = T = F_cat + [F_num > 0]). ``num_layers`` is L.
+  fm_rank      WuKong k: the FM block computes X (Xᵀ Y), Y ∈ R^{n×k}.
+  fmb_hidden   WuKong: hidden width of each FM block's MLP (the width presets solve).
+  token_dim    RankMixer D, a multiple of T; None means the smallest multiple of T >= e.
+  ffn_hidden   RankMixer: hidden width of each per-token FFN (the width presets solve).
 """
 
 from __future__ import annotations
@@ -53,7 +61,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-ARCHS: tuple[str, ...] = ("mldcn", "dcnv2", "masknet", "mlp")
+ARCHS: tuple[str, ...] = ("mldcn", "dcnv2", "masknet", "mlp", "wukong", "rankmixer")
 BASELINES: tuple[str, ...] = ("lr",)
 STRUCTURES: tuple[str, ...] = ("parallel", "stacked", "cross_only")
 DCN_TYPES: tuple[str, ...] = ("full", "lowrank", "mix")
@@ -141,6 +149,12 @@ class ModelConfig:
     mask_source: str = "x0"
     mask_activation: str = "linear"
     residual_layernorm: bool = False
+    # WuKong
+    fm_rank: int = 8
+    fmb_hidden: int = 64
+    # RankMixer
+    token_dim: int | None = None
+    ffn_hidden: int = 64
 
     def __post_init__(self) -> None:
         # JSON gives lists; keep the frozen dataclass hashable and comparable.
@@ -164,7 +178,10 @@ class ModelConfig:
             value = getattr(self, name)
             if value not in valid:
                 raise ConfigError(f"{name} must be one of {valid}, got {value!r}")
-        for name in ("embed_dim", "num_layers", "rank", "num_experts", "block_dim"):
+        for name in (
+            "embed_dim", "num_layers", "rank", "num_experts", "block_dim", "fm_rank",
+            "fmb_hidden", "ffn_hidden",
+        ):
             value = getattr(self, name)
             if not _is_int(value) or value < 1:
                 raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
@@ -172,6 +189,8 @@ class ModelConfig:
             raise ConfigError(
                 f"mask_hidden must be None or an integer >= 1, got {self.mask_hidden!r}"
             )
+        if self.token_dim is not None and (not _is_int(self.token_dim) or self.token_dim < 1):
+            raise ConfigError(f"token_dim must be None or an integer >= 1, got {self.token_dim!r}")
         if not isinstance(self.mlp_dims, tuple) or not all(
             _is_int(w) and w >= 1 for w in self.mlp_dims
         ):

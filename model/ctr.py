@@ -1,9 +1,9 @@
 """The CTR model: field embeddings → interaction module → structure → one logit per example.
 
 x0 = concat(flattened embeddings of the F_cat categorical fields, the F_num dense features), so
-d = F_cat·e + F_num. The interaction module (DCNv2, ML-DCN, MaskNet, or none for the plain MLP)
-is built from a ``ModelConfig`` by ``build_interaction`` and passed in, so architectures swap
-without touching the model. ``build_model`` assembles everything from a config.
+d = F_cat·e + F_num. The interaction module (DCNv2, ML-DCN, MaskNet, WuKong, RankMixer, or none
+for the plain MLP) is built from a ``ModelConfig`` by ``build_interaction`` and passed in, so
+architectures swap without touching the model. ``build_model`` assembles everything from a config.
 
 Inputs are what ``model.encoders`` produces: ``cat_ids`` int64 (B, F_cat) with column j in
 [0, cardinalities[j]) (0 is the OOV/missing id) and ``dense`` float32 (B, F_num), already
@@ -25,7 +25,9 @@ from model.modules import (
     LowRankMixtureCrossNet,
     MaskedLowRankCrossNet,
     ParallelMaskNet,
+    RankMixer,
     SerialMaskNet,
+    WuKong,
 )
 from model.modules.mlp import init_linear
 
@@ -93,9 +95,31 @@ def _check_inputs(
         raise ValueError(f"cat_ids must have shape (B, 0), got {tuple(cat_ids.shape)}")
 
 
-def build_interaction(cfg: ModelConfig, in_features: int) -> nn.Module | None:
-    """The interaction module of ``cfg`` for an x0 of width ``in_features`` (None for "mlp")."""
+def build_interaction(
+    cfg: ModelConfig,
+    in_features: int,
+    num_fields: int | None = None,
+    num_dense: int | None = None,
+) -> nn.Module | None:
+    """The interaction module of ``cfg`` for an x0 of width ``in_features`` (None for "mlp").
+
+    WuKong and RankMixer read x0 as per-field tokens, so they also need the layout: F_cat
+    (``num_fields``) and F_num (``num_dense``), with in_features = F_cat·e + F_num.
+    """
     d, num_layers = in_features, cfg.num_layers
+    if cfg.arch in ("wukong", "rankmixer"):
+        if num_fields is None or num_dense is None:
+            raise ValueError(f"arch {cfg.arch!r} needs num_fields and num_dense")
+        if num_fields * cfg.embed_dim + num_dense != d:
+            raise ValueError(
+                f"in_features ({d}) must equal num_fields·embed_dim + num_dense "
+                f"({num_fields}·{cfg.embed_dim} + {num_dense})"
+            )
+        if cfg.arch == "wukong":
+            return WuKong(num_fields, cfg.embed_dim, num_dense, num_layers, cfg.fm_rank,
+                          cfg.fmb_hidden)
+        return RankMixer(num_fields, cfg.embed_dim, num_dense, num_layers, cfg.token_dim,
+                         cfg.ffn_hidden)
     if cfg.arch == "dcnv2":
         if cfg.dcn_type == "full":
             return CrossNet(d, num_layers)
@@ -279,7 +303,7 @@ def build_model(
         cards,
         num_dense,
         cfg.embed_dim,
-        build_interaction(cfg, d),
+        build_interaction(cfg, d, len(cards), num_dense),
         structure=structure,
         mlp_dims=cfg.mlp_dims,
         dropout=cfg.dropout,

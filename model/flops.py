@@ -34,6 +34,9 @@ is looser we count what the code runs:
   we count c1 and ReLU (2h) and c2 and the mask product (2r), and the shared LN(x0) (5d, once):
   total = MODELS.md + L(h + r) + 5d, e.g. 392,724 vs 390,486 (0.6%) for d=390, L=3, r=64, h=32.
 - Serial MaskNet 3×400, ρ=0.2, d=390: 1,338,486 (MODELS.md: 1.34 M).
+- WuKong and RankMixer (not costed in MODELS.md): see ``wukong_cost`` and ``rankmixer_cost``;
+  RankMixer's GELU counts 1 per element like the other nonlinearities, its token mixing 0
+  (a reshape), its final mean over T tokens T·D.
 """
 
 from __future__ import annotations
@@ -220,16 +223,121 @@ def parallel_masknet_cost(d: int, num_blocks: int, block_dim: int, reduction_rat
     return layernorm_cost(d) + block.times(num_blocks)
 
 
-def interaction_output_dim(cfg: ModelConfig, d: int) -> int:
-    """Width of the interaction module's output for an x0 of width ``d``."""
+def _num_tokens(num_fields: int, num_dense: int) -> int:
+    return num_fields + (1 if num_dense else 0)
+
+
+def resolved_token_dim(cfg: ModelConfig, num_fields: int, num_dense: int) -> int:
+    """RankMixer D: ``cfg.token_dim`` or the smallest multiple of T >= e."""
+    if cfg.token_dim is not None:
+        return cfg.token_dim
+    t = _num_tokens(num_fields, num_dense)
+    return t * -(-cfg.embed_dim // t)
+
+
+def wukong_cost(
+    num_fields: int, embed_dim: int, num_dense: int, num_layers: int, fm_rank: int,
+    fmb_hidden: int,
+) -> Cost:
+    """``WuKong``: dense projection, then L × (FM block, LCB, residual, LayerNorm).
+
+    Per layer, n tokens, n_F = n − ⌊n/2⌋ rows from the FM block, n_L = ⌊n/2⌋ from the LCB:
+    Xᵀ Y and X (XᵀY) 4nek, LN(nk) 5nk, MLP 2nk·h + 2h + 2h·n_F·e + n_F·e, LCB 2·n_L·n·e,
+    residual ne, LN(e) per token 5ne.
+
+    Example (n = 5 fields, e = 8, no dense, L = 2, k = 8, h = 11):
+        >>> wukong_cost(5, 8, 0, 2, 8, 11).total == 2 * (1280 + 200 + 130 * 11 + 24 + 160 + 240)
+        True
+    """
+    e, k, h, n = embed_dim, fm_rank, fmb_hidden, _num_tokens(num_fields, num_dense)
+    n_lcb = n // 2
+    n_fm = n - n_lcb
+    layer = (
+        Cost(4 * n * e * k, 0, n * k)  # Xᵀ Y, X (Xᵀ Y); Y
+        + layernorm_cost(n * k)
+        + linear_cost(n * k, h)
+        + elementwise_cost(h)  # ReLU
+        + linear_cost(h, n_fm * e)
+        + Cost(2 * n_lcb * n * e, 0, n_lcb * n)  # W X
+        + elementwise_cost(n * e)  # + X
+        + Cost(0, 5 * n * e, 2 * e)  # LayerNorm(e) on each token
+    )
+    dense = linear_cost(num_dense, e) if num_dense else Cost()
+    return dense + layer.times(num_layers)
+
+
+def rankmixer_cost(
+    num_fields: int, embed_dim: int, num_dense: int, num_layers: int, token_dim: int,
+    ffn_hidden: int,
+) -> Cost:
+    """``RankMixer``: tokeniser, L × (mixing + residual + LN, per-token FFN + residual + LN), mean.
+
+    Tokeniser F(2eD + D) (+ 2·F_num·D + D for the dense token); per layer (T tokens) token mixing
+    is free, residuals 2TD, LN(D) per token 2·5TD, PFFN T(4DH + 2H + D) (GELU counted as 1 per
+    element); the final mean over tokens TD.
+
+    Example (T = 5 fields, e = 8, D = 10, L = 2, H = 11):
+        >>> rankmixer_cost(5, 8, 0, 2, 10, 11).total == 5 * 170 + 2 * (600 + 5 * 472) + 50
+        True
+    """
+    t, d, h = _num_tokens(num_fields, num_dense), token_dim, ffn_hidden
+    tokens = linear_cost(embed_dim, d).times(num_fields)
+    if num_dense:
+        tokens = tokens + linear_cost(num_dense, d)
+    layer = (
+        elementwise_cost(t * d)  # mixed + X
+        + Cost(0, 5 * t * d, 2 * d)  # LayerNorm(D) on each token
+        + (linear_cost(d, h) + elementwise_cost(h) + linear_cost(h, d)).times(t)  # PFFN_t, GELU
+        + elementwise_cost(t * d)  # + S
+        + Cost(0, 5 * t * d, 2 * d)
+    )
+    return tokens + layer.times(num_layers) + elementwise_cost(t * d)  # mean over T tokens
+
+
+def _layout(cfg: ModelConfig, d: int, num_fields: int | None, num_dense: int | None) -> None:
+    if num_fields is None or num_dense is None:
+        raise ValueError(f"arch {cfg.arch!r} needs num_fields and num_dense")
+    if num_fields * cfg.embed_dim + num_dense != d:
+        raise ValueError(
+            f"d ({d}) must equal num_fields·embed_dim + num_dense "
+            f"({num_fields}·{cfg.embed_dim} + {num_dense})"
+        )
+
+
+def interaction_output_dim(
+    cfg: ModelConfig, d: int, num_fields: int | None = None, num_dense: int | None = None
+) -> int:
+    """Width of the interaction module's output for an x0 of width ``d``.
+
+    WuKong and RankMixer also need the layout (``num_fields`` = F_cat, ``num_dense`` = F_num).
+    """
+    if cfg.arch in ("wukong", "rankmixer"):
+        _layout(cfg, d, num_fields, num_dense)
+        assert num_fields is not None and num_dense is not None
+        if cfg.arch == "wukong":
+            return _num_tokens(num_fields, num_dense) * cfg.embed_dim
+        return resolved_token_dim(cfg, num_fields, num_dense)
     if cfg.arch == "masknet":
         return cfg.block_dim * (1 if cfg.masknet_mode == "serial" else cfg.num_layers)
     return d
 
 
-def interaction_cost(cfg: ModelConfig, d: int) -> Cost:
-    """Cost of ``cfg``'s interaction module on an x0 of width ``d`` (zero for "mlp" and "lr")."""
+def interaction_cost(
+    cfg: ModelConfig, d: int, num_fields: int | None = None, num_dense: int | None = None
+) -> Cost:
+    """Cost of ``cfg``'s interaction module on an x0 of width ``d`` (zero for "mlp" and "lr").
+
+    WuKong and RankMixer also need the layout (``num_fields`` = F_cat, ``num_dense`` = F_num).
+    """
     num_layers = cfg.num_layers
+    if cfg.arch in ("wukong", "rankmixer"):
+        _layout(cfg, d, num_fields, num_dense)
+        assert num_fields is not None and num_dense is not None
+        if cfg.arch == "wukong":
+            return wukong_cost(num_fields, cfg.embed_dim, num_dense, num_layers, cfg.fm_rank,
+                               cfg.fmb_hidden)
+        return rankmixer_cost(num_fields, cfg.embed_dim, num_dense, num_layers,
+                              resolved_token_dim(cfg, num_fields, num_dense), cfg.ffn_hidden)
     if cfg.arch == "dcnv2":
         if cfg.dcn_type == "full":
             return crossnet_cost(d, num_layers)
@@ -311,8 +419,8 @@ def model_flops(cfg: ModelConfig, cardinalities: Sequence[int], num_dense: int) 
         lr = Cost(2 * num_dense, num_cat + (1 if num_dense else 0), num_dense + 1)
         return _report({"lr": lr}, embedding_params=sum(cards))
     d = len(cards) * cfg.embed_dim + num_dense
-    inter = interaction_cost(cfg, d)
-    inter_dim = interaction_output_dim(cfg, d)
+    inter = interaction_cost(cfg, d, len(cards), num_dense)
+    inter_dim = interaction_output_dim(cfg, d, len(cards), num_dense)
     mlp_dims = cfg.mlp_dims
     structure = "stacked" if cfg.arch == "mlp" else cfg.structure
     mlp_out = mlp_dims[-1] if mlp_dims else None

@@ -1,4 +1,4 @@
-"""Named presets: ML-DCN, DCNv2, MaskNet and an MLP at matched FLOPs per example.
+"""Named presets: ML-DCN, DCNv2, MaskNet, WuKong, RankMixer and an MLP at matched FLOPs.
 
 A level fixes the settings every architecture shares; the reference is full-rank DCNv2 with
 them, and each other architecture solves its width so that its total FLOPs per example
@@ -24,6 +24,12 @@ What each architecture solves (L and the deep tower are the level's):
 - masknet: serial, ``reduction_ratio`` 0.2 (MODELS.md's example), L blocks; ``block_dim`` solved.
 - mlp: embeddings → MLP → head (structure "stacked"); the level's ``mlp_dims`` are scaled by one
   factor (first width solved, the others keep their ratio to it).
+- wukong: L WuKong layers, ``fm_rank`` k = 8, n_F = n − ⌊n/2⌋, n_L = ⌊n/2⌋ (``model/modules/
+  wukong.py``); ``fmb_hidden`` solved.
+- rankmixer: L RankMixer layers, ``token_dim`` D = the smallest multiple of T >= e;
+  ``ffn_hidden`` solved. One unit of ``ffn_hidden`` costs L·T·(4D + 2), about 1-3% of the small
+  reference, so when the nearest width is more than 1% off, D = 2T, 3T, … (up to 4× the default)
+  are tried too and the nearest kept.
 
 For the Criteo layout (26 categorical + 13 dense fields; d = 221 small, 429 medium and large),
 every architecture lands within 0.4% of the reference:
@@ -41,8 +47,8 @@ large    2.247 M     159, 80      343                (1039, 520, 260)
 Overrides: ``preset(..., **overrides)`` takes any ``ModelConfig`` field. The shared keys
 (``embed_dim``, ``num_layers``, ``structure``, ``mlp_dims``) change the level, so the reference
 too; an architecture's own keys (e.g. ``mask_position``, ``num_experts``) change what is solved
-for; overriding the solved key itself (``rank``, ``mask_hidden``, ``block_dim``) fixes it and
-skips the matching.
+for; overriding the solved key itself (``rank``, ``mask_hidden``, ``block_dim``, ``fmb_hidden``,
+``ffn_hidden``) fixes it and skips the matching.
 """
 
 from __future__ import annotations
@@ -52,7 +58,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from model.config import ARCHS, ModelConfig, check_layout
-from model.flops import model_flops
+from model.flops import model_flops, resolved_token_dim
 
 LEVELS: tuple[str, ...] = ("small", "medium", "large")
 MATCH_TOLERANCE = 0.02
@@ -87,6 +93,16 @@ _ARCH_SETTINGS: dict[str, dict[str, Any]] = {
     "mldcn": {},
     "masknet": {"masknet_mode": "serial", "reduction_ratio": 0.2},
     "mlp": {"structure": "stacked"},
+    "wukong": {"fm_rank": 8},
+    "rankmixer": {},
+}
+_SOLVED: dict[str, str] = {
+    "dcnv2": "rank",
+    "mldcn": "rank",
+    "masknet": "block_dim",
+    "mlp": "mlp_dims",
+    "wukong": "fmb_hidden",
+    "rankmixer": "ffn_hidden",
 }
 
 
@@ -175,6 +191,24 @@ def _solve_mldcn(
     return best[2], best[3]
 
 
+def _solve_rankmixer(
+    base: ModelConfig, target: int, cards: list[int], num_dense: int, fix_token_dim: bool
+) -> tuple[ModelConfig, float]:
+    def solve(b: ModelConfig) -> tuple[ModelConfig, float]:
+        return _nearest(lambda h: dataclasses.replace(b, ffn_hidden=h), target, cards, num_dense)
+
+    best = solve(base)
+    if fix_token_dim or abs(best[1]) <= MATCH_TOLERANCE / 2:
+        return best
+    tokens = len(cards) + (1 if num_dense else 0)
+    default = resolved_token_dim(base, len(cards), num_dense)
+    for dim in range(default + tokens, 4 * default + 1, tokens):
+        candidate = solve(dataclasses.replace(base, token_dim=dim))
+        if abs(candidate[1]) < abs(best[1]):
+            best = candidate
+    return best
+
+
 def _scaled_dims(dims: tuple[int, ...], first: int) -> tuple[int, ...]:
     if not dims:
         return (first,)
@@ -222,6 +256,16 @@ def preset(
         solved = _nearest(
             lambda k: dataclasses.replace(base, block_dim=k), target, cards, num_dense
         )
+    elif arch == "wukong":
+        if "fmb_hidden" in overrides:
+            return base
+        solved = _nearest(
+            lambda h: dataclasses.replace(base, fmb_hidden=h), target, cards, num_dense
+        )
+    elif arch == "rankmixer":
+        if "ffn_hidden" in overrides:
+            return base
+        solved = _solve_rankmixer(base, target, cards, num_dense, "token_dim" in overrides)
     else:  # mlp
         dims = base.mlp_dims
         solved = _nearest(
@@ -232,7 +276,7 @@ def preset(
         )
     cfg, mismatch = solved
     if abs(mismatch) > MATCH_TOLERANCE:
-        width = {"mlp": "mlp_dims", "masknet": "block_dim"}.get(arch, "rank")
+        width = _SOLVED[arch]
         raise ValueError(
             f"cannot match {arch} to the {level} reference ({target:,} FLOPs/example) within "
             f"{MATCH_TOLERANCE:.0%} for this layout: the nearest, {width}="
@@ -250,6 +294,10 @@ def key_hyperparameters(cfg: ModelConfig) -> dict[str, Any]:
         keys = ["rank", "mask_hidden", "mask_position", "mask_source", "num_experts"]
     elif cfg.arch == "masknet":
         keys = ["masknet_mode", "block_dim", "reduction_ratio"]
+    elif cfg.arch == "wukong":
+        keys = ["fm_rank", "fmb_hidden"]
+    elif cfg.arch == "rankmixer":
+        keys = ["token_dim", "ffn_hidden"]
     else:
         keys = ["mlp_dims"]
     return {k: getattr(cfg, k) for k in keys}
@@ -266,7 +314,7 @@ def preset_table(
     Example:
         >>> rows = preset_table([10] * 5, 0, levels=["small"])
         >>> [r["arch"] for r in rows]
-        ['mldcn', 'dcnv2', 'masknet', 'mlp']
+        ['mldcn', 'dcnv2', 'masknet', 'mlp', 'wukong', 'rankmixer']
         >>> all(abs(r["mismatch"]) <= MATCH_TOLERANCE for r in rows)
         True
     """

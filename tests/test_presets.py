@@ -157,7 +157,7 @@ def test_config_round_trips_through_json() -> None:
 @pytest.mark.parametrize(
     "d, match",
     [
-        ({"arch": "wukong"}, "arch must be one of"),
+        ({"arch": "transformer"}, "arch must be one of"),
         ({"structure": "serial"}, "structure must be one of"),
         ({"embed_dim": 0}, "embed_dim must be an integer >= 1"),
         ({"num_layers": 2.0}, "num_layers must be an integer"),

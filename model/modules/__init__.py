@@ -6,6 +6,8 @@ so the CTR model can take any of them (``model.ctr.CTRModel``).
 - ``crossnet``: DCNv2 ``CrossNet`` (full rank), ``LowRankCrossNet``, ``LowRankMixtureCrossNet``.
 - ``mldcn``: ML-DCN ``MaskedLowRankCrossNet``.
 - ``masknet``: ``MaskBlock``, ``SerialMaskNet``, ``ParallelMaskNet``.
+- ``wukong``: ``WuKong`` (FM blocks + linear compression blocks on the field tokens).
+- ``rankmixer``: ``RankMixer`` (parameter-free token mixing + per-token FFNs).
 - ``mlp``: the deep tower ``MLP``.
 """
 
@@ -13,6 +15,8 @@ from model.modules.crossnet import CrossNet, LowRankCrossNet, LowRankMixtureCros
 from model.modules.masknet import MaskBlock, ParallelMaskNet, SerialMaskNet
 from model.modules.mldcn import MaskedLowRankCrossNet
 from model.modules.mlp import MLP
+from model.modules.rankmixer import RankMixer
+from model.modules.wukong import WuKong
 
 __all__ = [
     "MLP",
@@ -22,5 +26,7 @@ __all__ = [
     "MaskBlock",
     "MaskedLowRankCrossNet",
     "ParallelMaskNet",
+    "RankMixer",
     "SerialMaskNet",
+    "WuKong",
 ]

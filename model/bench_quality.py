@@ -1,0 +1,668 @@
+"""The quality study: test AUC and logloss at matched FLOPs, over architectures, levels and seeds.
+
+``mldcn bench quality`` (``main``) prepares the data once (one split, one set of fitted
+encoders, shared by every cell), then trains every (arch, level, seed) cell: the seed changes
+the initialisation and the shuffling, never the split. Each finished cell is written to
+``OUT/cells/ARCH-LEVEL-sSEED.json`` at once and is not re-run, so an interrupted study resumes
+where it stopped (the study's settings are kept in ``OUT/study.json``; resuming with different
+data or training settings is refused). After every cell the report is rewritten from all finished
+cells:
+
+``OUT/report.json``  per cell: test AUC and logloss mean, standard deviation and 95% confidence
+                     interval (t-distribution, n − 1 degrees of freedom), FLOPs and parameters
+                     per example, training time; per (arch, level) the paired difference against
+                     DCNv2 at the same seed, with its interval and a verdict (a difference whose
+                     interval covers 0 is a tie).
+``OUT/report.md``    the same as tables, the presets and the command that produced it.
+``OUT/auc_vs_flops.png``  test AUC (mean ± CI) against FLOPs per example, one line per arch.
+
+Model selection uses the validation split only (early stopping and the learning-rate plateau
+schedule monitor validation AUC; the best-on-validation epoch is kept); test rows are scored once
+per cell, after training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import os
+import shlex
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from model.config import ARCHS
+from model.flops import model_flops, resolved_token_dim
+from model.presets import LEVELS, flops_mismatch, key_hyperparameters, preset, reference_config
+
+REFERENCE_ARCH = "dcnv2"
+Log = Callable[[str], None]
+
+
+# --- statistics ---------------------------------------------------------------------------------
+
+
+def _t_pdf(x: float, df: int) -> float:
+    log_c = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+    return math.exp(log_c - (df + 1) / 2 * math.log1p(x * x / df))
+
+
+def _t_cdf_upper_half(t: float, df: int, steps: int = 4000) -> float:
+    """P(0 < T < t) for Student's t by Simpson's rule on the density."""
+    h = t / steps
+    s = _t_pdf(0.0, df) + _t_pdf(t, df)
+    for i in range(1, steps):
+        s += (4 if i % 2 else 2) * _t_pdf(i * h, df)
+    return s * h / 3
+
+
+@functools.lru_cache(maxsize=256)
+def t_quantile(p: float, df: int) -> float:
+    """The p-quantile of Student's t with ``df`` degrees of freedom (p in (0.5, 1)).
+
+    Example:
+        >>> round(t_quantile(0.975, 4), 4), round(t_quantile(0.975, 1), 3)
+        (2.7764, 12.706)
+    """
+    if not 0.5 < p < 1.0:
+        raise ValueError(f"p must be in (0.5, 1), got {p}")
+    if not isinstance(df, int) or df < 1:
+        raise ValueError(f"df must be an integer >= 1, got {df!r}")
+    target = p - 0.5
+    lo, hi = 0.0, 1.0
+    while _t_cdf_upper_half(hi, df) < target:
+        hi *= 2
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if _t_cdf_upper_half(mid, df) < target:
+            lo = mid
+        else:
+            hi = mid
+    return (lo + hi) / 2
+
+
+def mean_ci(values: Sequence[float], level: float = 0.95) -> dict[str, Any]:
+    """Mean, sample standard deviation and the t confidence interval of the mean.
+
+    With one value the interval is undefined (``half_width`` NaN).
+
+    Example:
+        >>> s = mean_ci([0.80, 0.81, 0.82])
+        >>> round(s["mean"], 6), round(s["std"], 6), round(s["half_width"], 5)
+        (0.81, 0.01, 0.02484)
+    """
+    x = np.asarray(list(values), dtype=np.float64)
+    n = int(x.size)
+    if n == 0:
+        raise ValueError("mean_ci needs at least one value")
+    mean = float(x.mean())
+    if n == 1:
+        std, half = float("nan"), float("nan")
+    else:
+        std = float(x.std(ddof=1))
+        half = t_quantile(0.5 + level / 2, n - 1) * std / math.sqrt(n)
+    return {"n": n, "mean": mean, "std": std, "half_width": half, "low": mean - half,
+            "high": mean + half}
+
+
+def verdict(stats: dict[str, Any], higher_is_better: bool = True) -> str:
+    """"win", "loss" or "tie" from a difference's interval ("n/a" without an interval)."""
+    low, high = stats["low"], stats["high"]
+    if not (math.isfinite(low) and math.isfinite(high)):
+        return "n/a"
+    if low > 0:
+        return "win" if higher_is_better else "loss"
+    if high < 0:
+        return "loss" if higher_is_better else "win"
+    return "tie"
+
+
+def paired_difference(
+    values: dict[int, float], reference: dict[int, float], higher_is_better: bool = True
+) -> dict[str, Any] | None:
+    """values[seed] − reference[seed] over the seeds both have: mean, CI and verdict.
+
+    Example:
+        >>> ref = {0: 0.80, 1: 0.81, 2: 0.81, 3: 0.9}
+        >>> d = paired_difference({0: 0.81, 1: 0.822, 2: 0.821}, ref)
+        >>> d["seeds"], round(d["mean"], 6), d["verdict"]
+        ([0, 1, 2], 0.011, 'win')
+        >>> paired_difference({0: 0.81, 1: 0.83, 2: 0.82}, ref)["verdict"]  # CI covers 0
+        'tie'
+    """
+    seeds = sorted(set(values) & set(reference))
+    if not seeds:
+        return None
+    stats = mean_ci([values[s] - reference[s] for s in seeds])
+    return {"seeds": seeds, **stats, "verdict": verdict(stats, higher_is_better)}
+
+
+# --- cells ----------------------------------------------------------------------------------------
+
+
+def cell_name(arch: str, level: str, seed: int) -> str:
+    return f"{arch}-{level}-s{seed}"
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, allow_nan=True) + "\n")
+    tmp.replace(path)
+
+
+def load_cells(out_dir: Path) -> list[dict[str, Any]]:
+    """Every finished cell under ``OUT/cells``."""
+    folder = Path(out_dir) / "cells"
+    if not folder.is_dir():
+        return []
+    return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
+
+
+def train_cell(
+    data: Any, cards: list[int], num_dense: int, arch: str, level: str, seed: int,
+    train_kw: dict[str, Any], log: Log,
+) -> dict[str, Any]:
+    """Train one (arch, level, seed) on prepared data; return its metrics (no test-based choice)."""
+    import torch
+
+    from model.ctr import build_model
+    from model.flops import model_flops
+    from model.train import TrainConfig, evaluate, fit
+
+    cfg = preset(arch, level, cards, num_dense)
+    train_cfg = TrainConfig(seed=seed, progress=False, **train_kw)
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    model = build_model(cfg, cards, num_dense)
+    flops = model_flops(cfg, cards, num_dense)
+    t0 = time.perf_counter()
+    history = fit(model, data, train_cfg, log=lambda m: None)
+    train_s = time.perf_counter() - t0
+    valid = evaluate(model, data.shards["valid"], train_cfg.eval_batch_size)
+    test = evaluate(model, data.shards["test"], train_cfg.eval_batch_size)
+    best_epoch = 1 + int(np.argmax([h["valid_auc"] for h in history]))
+    log(f"{cell_name(arch, level, seed)}: test_auc {test['auc']:.4f} test_logloss "
+        f"{test['logloss']:.4f} valid_auc {valid['auc']:.4f} ({len(history)} epochs, "
+        f"best {best_epoch}, {train_s:.1f}s)")
+    return {
+        "arch": arch,
+        "level": level,
+        "seed": seed,
+        "model": cfg.to_dict(),
+        "flops_per_example": flops.total,
+        "matmul_flops_per_example": flops.matmul,
+        "params": flops.params,
+        "dense_params": flops.dense_params,
+        "valid": valid,
+        "test": test,
+        "epochs_run": len(history),
+        "best_epoch": best_epoch,
+        "train_s": train_s,
+        "history": history,
+    }
+
+
+# --- report ---------------------------------------------------------------------------------------
+
+
+def summarise(cells: list[dict[str, Any]], archs: Sequence[str], levels: Sequence[str]
+              ) -> list[dict[str, Any]]:
+    """One row per (level, arch) with finished cells: statistics and paired differences."""
+    rows = []
+    for level in levels:
+        ref = {c["seed"]: c for c in cells if c["level"] == level and c["arch"] == REFERENCE_ARCH}
+        for arch in archs:
+            mine = {c["seed"]: c for c in cells if c["level"] == level and c["arch"] == arch}
+            if not mine:
+                continue
+            seeds = sorted(mine)
+            first = mine[seeds[0]]
+            row: dict[str, Any] = {
+                "level": level,
+                "arch": arch,
+                "seeds": seeds,
+                "flops_per_example": first["flops_per_example"],
+                "params": first["params"],
+                "dense_params": first["dense_params"],
+                "test_auc": mean_ci([mine[s]["test"]["auc"] for s in seeds]),
+                "test_logloss": mean_ci([mine[s]["test"]["logloss"] for s in seeds]),
+                "valid_auc": mean_ci([mine[s]["valid"]["auc"] for s in seeds]),
+                "train_s": mean_ci([mine[s]["train_s"] for s in seeds]),
+                "epochs_run": mean_ci([mine[s]["epochs_run"] for s in seeds]),
+                "vs_dcnv2": None,
+            }
+            if arch != REFERENCE_ARCH and ref:
+                row["vs_dcnv2"] = {
+                    "test_auc": paired_difference(
+                        {s: mine[s]["test"]["auc"] for s in seeds},
+                        {s: c["test"]["auc"] for s, c in ref.items()},
+                    ),
+                    "test_logloss": paired_difference(
+                        {s: mine[s]["test"]["logloss"] for s in seeds},
+                        {s: c["test"]["logloss"] for s, c in ref.items()},
+                        higher_is_better=False,
+                    ),
+                }
+            rows.append(row)
+    return rows
+
+
+def _pm(s: dict[str, Any], digits: int = 4) -> str:
+    if not math.isfinite(s["half_width"]):
+        return f"{s['mean']:.{digits}f}"
+    return f"{s['mean']:.{digits}f} ± {s['half_width']:.{digits}f}"
+
+
+def _diff(d: dict[str, Any] | None) -> str:
+    if d is None:
+        return "–"
+    if not math.isfinite(d["half_width"]):
+        return f"{d['mean']:+.4f} (n={d['n']})"
+    return f"{d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]"
+
+
+def mldcn_summary(cells: list[dict[str, Any]], archs: Sequence[str], levels: Sequence[str]
+                  ) -> list[dict[str, Any]]:
+    """ML-DCN against every other architecture, paired by seed: ΔAUC, its CI and the verdict."""
+    out = []
+    for level in levels:
+        mine = {c["seed"]: c["test"]["auc"] for c in cells
+                if c["level"] == level and c["arch"] == "mldcn"}
+        if not mine:
+            continue
+        for arch in archs:
+            if arch == "mldcn":
+                continue
+            other = {c["seed"]: c["test"]["auc"] for c in cells
+                     if c["level"] == level and c["arch"] == arch}
+            d = paired_difference(mine, other)
+            if d is not None:
+                out.append({"level": level, "vs": arch, "test_auc": d})
+    return out
+
+
+def write_report(out_dir: Path, study: dict[str, Any], cells: list[dict[str, Any]]) -> dict:
+    """Write report.json, report.md and auc_vs_flops.png from the finished cells."""
+    archs, levels, seeds = study["archs"], study["levels"], study["seeds"]
+    rows = summarise(cells, archs, levels)
+    expected = [cell_name(a, lv, s) for lv in levels for s in seeds for a in archs]
+    done = {cell_name(c["arch"], c["level"], c["seed"]) for c in cells}
+    report = {
+        "study": study,
+        "mldcn_vs": mldcn_summary(cells, archs, levels),
+        "cells_done": len([n for n in expected if n in done]),
+        "cells_expected": len(expected),
+        "cells_missing": [n for n in expected if n not in done],
+        "rows": rows,
+        "cells": [{k: v for k, v in c.items() if k != "history"} for c in cells],
+    }
+    _write_json(out_dir / "report.json", report)
+    plot_auc_vs_flops(rows, out_dir / "auc_vs_flops.png", study.get("title", ""))
+    (out_dir / "report.md").write_text(render_markdown(report))
+    return report
+
+
+def plot_auc_vs_flops(rows: list[dict[str, Any]], path: Path, title: str = "") -> None:
+    """Test AUC (mean, 95% CI bars) against FLOPs per example, one line per architecture."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for arch in dict.fromkeys(r["arch"] for r in rows):
+        mine = sorted((r for r in rows if r["arch"] == arch), key=lambda r: r["flops_per_example"])
+        x = [r["flops_per_example"] for r in mine]
+        y = [r["test_auc"]["mean"] for r in mine]
+        err = [r["test_auc"]["half_width"] if math.isfinite(r["test_auc"]["half_width"]) else 0
+               for r in mine]
+        ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=arch)
+    ax.set_xscale("log")
+    ax.set_xlabel("FLOPs per example (analytic, total)")
+    ax.set_ylabel("test AUC (mean ± 95% CI)")
+    ax.set_title(title or "AUC vs FLOPs at matched levels")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _split_stats(stats: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    return [(k, v) for k, v in stats.items() if isinstance(v, dict) and "rows" in v]
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    study, rows = report["study"], report["rows"]
+    data = study["data"]
+    lines = [
+        f"# {study.get('title') or 'Quality at matched FLOPs'}",
+        "",
+        "Produced by:",
+        "",
+        "```bash",
+        study["command"],
+        "```",
+        "",
+        f"Cells finished: {report['cells_done']} / {report['cells_expected']}"
+        + ("" if not report["cells_missing"] else
+           f" (missing: {', '.join(report['cells_missing'])}; re-run the command to resume)"),
+        "",
+        "## Data and protocol",
+        "",
+        f"- Data: {', '.join(f['path'] for f in data['files'])}"
+        + (f"; test set: {', '.join(f['path'] for f in data['test_files'])}"
+           if data.get("test_files") else ""),
+        f"- Split: {study['split_description']}",
+        "- Rows: " + ", ".join(f"{k} {v['rows']:,} ({v['positive_rate']:.1%} positive)"
+                               for k, v in _split_stats(data["splits"])),
+        f"- Layout: {len(data['cardinalities'])} categorical fields (cardinalities "
+        f"{data['cardinalities']}), {data['num_dense']} dense",
+        f"- Training (every cell): {study['train_description']}",
+        f"- Seeds {study['seeds']}: the seed sets the initialisation and the shuffling; every "
+        "cell of every architecture uses the same split and the same fitted encoders.",
+        "- Hyper-parameters: the matched-FLOPs presets of `model/presets.py` (below), not tuned "
+        "further. The number of epochs is chosen per cell by early stopping on **validation** "
+        "AUC, and the best-on-validation weights are kept; test rows are scored once per cell, "
+        "after training, and never used for any choice.",
+        "- Statistics: mean ± half-width of the 95% confidence interval of the mean (t with n−1 "
+        "degrees of freedom). Paired differences are arch − DCNv2 at the same seed; a "
+        "difference whose interval covers 0 is a **tie**.",
+        f"- Machine: {study.get('machine', '')}",
+        "",
+        "## Results",
+        "",
+        "| level | arch | MFLOPs/ex | params | n | test AUC | test logloss | ΔAUC vs DCNv2 "
+        "[95% CI] | AUC verdict | Δlogloss vs DCNv2 [95% CI] | train s | epochs |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        vs = r["vs_dcnv2"] or {}
+        d_auc, d_ll = vs.get("test_auc"), vs.get("test_logloss")
+        lines.append(
+            f"| {r['level']} | {r['arch']} | {r['flops_per_example'] / 1e6:.4f} | "
+            f"{r['params']:,} | {len(r['seeds'])} | {_pm(r['test_auc'])} | "
+            f"{_pm(r['test_logloss'])} | {_diff(d_auc)} | "
+            f"{d_auc['verdict'] if d_auc else '–'} | {_diff(d_ll)} | "
+            f"{r['train_s']['mean']:.1f} | {r['epochs_run']['mean']:.1f} |"
+        )
+    lines += [
+        "", "![test AUC vs FLOPs](auc_vs_flops.png)", "", "## Where ML-DCN stands", "",
+        "Test AUC of ML-DCN minus each other architecture at the same level and seed (95% CI); "
+        "win / tie / loss by whether the interval lies above, covers or lies below 0.", "",
+        "| level | vs | n | ΔAUC [95% CI] | verdict |", "|---|---|---|---|---|",
+    ]
+    for v in report["mldcn_vs"]:
+        d = v["test_auc"]
+        lines.append(f"| {v['level']} | {v['vs']} | {d['n']} | {_diff(d)} | {d['verdict']} |")
+    by_verdict: dict[str, list[str]] = {}
+    for v in report["mldcn_vs"]:
+        by_verdict.setdefault(v["test_auc"]["verdict"], []).append(f"{v['vs']} ({v['level']})")
+    if by_verdict:
+        lines.append("")
+        for name, label in (("win", "ML-DCN wins"), ("tie", "ties"), ("loss", "loses"),
+                            ("n/a", "no interval yet (one seed)")):
+            found = by_verdict.get(name, [])
+            if name == "n/a" and not found:
+                continue
+            lines.append(f"- {label} ({len(found)}): {', '.join(found) or 'none'}")
+    lines += [
+        "",
+        "## Presets (matched FLOPs per example)",
+        "",
+        "| level | arch | shared (e, L, structure, MLP, dropout) | key hyper-parameters | "
+        "MFLOPs/ex | vs reference |",
+        "|---|---|---|---|---|---|",
+    ]
+    for p in study["presets"]:
+        lines.append(
+            f"| {p['level']} | {p['arch']} | {p['shared']} | {p['key']} | "
+            f"{p['total_flops'] / 1e6:.4f} | {p['mismatch']:+.2%} |"
+        )
+    lines.append("")
+    return "\n".join(lines)
+
+
+# --- study ----------------------------------------------------------------------------------------
+
+
+def preset_rows(cards: list[int], num_dense: int, archs: Sequence[str], levels: Sequence[str]
+                ) -> list[dict[str, Any]]:
+    rows = []
+    for level in levels:
+        reference = reference_config(level)
+        for arch in archs:
+            cfg = preset(arch, level, cards, num_dense)
+            report = model_flops(cfg, cards, num_dense)
+            key = key_hyperparameters(cfg)
+            if arch == "rankmixer":
+                key["token_dim"] = resolved_token_dim(cfg, len(cards), num_dense)
+            rows.append({
+                "level": level,
+                "arch": arch,
+                "shared": f"e={cfg.embed_dim}, L={cfg.num_layers}, {cfg.structure}, "
+                          f"MLP {'-'.join(map(str, cfg.mlp_dims)) or 'none'}, "
+                          f"dropout {cfg.dropout}",
+                "key": ", ".join(f"{k}={v}" for k, v in key.items()),
+                "total_flops": report.total,
+                "params": report.params,
+                "mismatch": flops_mismatch(cfg, reference, cards, num_dense),
+            })
+    return rows
+
+
+def _file_info(paths: Sequence[Path]) -> list[dict[str, Any]]:
+    from model.train import sha256_file
+
+    return [{"path": str(p), "sha256": sha256_file(p), "bytes": Path(p).stat().st_size}
+            for p in paths]
+
+
+def run_study(
+    source: Any,
+    split: Any,
+    out_dir: str | Path,
+    archs: Sequence[str],
+    levels: Sequence[str],
+    seeds: Sequence[int],
+    train_kw: dict[str, Any],
+    command: str,
+    test_source: Any = None,
+    title: str = "",
+    threads: int | None = None,
+    log: Log = lambda m: print(m, file=sys.stderr, flush=True),
+) -> dict[str, Any]:
+    """Run (or resume) the study and write the report; returns the report dict.
+
+    Args:
+        source: a ``DataSource``; split into train/valid/test by ``split`` (with ``test_source``
+            the test rows come from there instead and ``split`` should have test_frac 0).
+        split: a ``SplitSpec``, the same for every cell.
+        out_dir: the study folder (cells, report, plot).
+        archs, levels, seeds: the grid.
+        train_kw: ``TrainConfig`` fields other than seed (epochs, batch_size, lr, patience…).
+        command: the command line recorded in the report.
+    """
+    import shutil
+
+    import torch
+
+    from model.dataset import prepare
+    from model.split import SplitSpec
+
+    bad = [a for a in archs if a not in ARCHS]
+    if bad:
+        raise ValueError(f"unknown architectures {bad}; choose from {ARCHS}")
+    bad = [lv for lv in levels if lv not in LEVELS]
+    if bad:
+        raise ValueError(f"unknown levels {bad}; choose from {LEVELS}")
+    if REFERENCE_ARCH not in archs:
+        raise ValueError("the study needs dcnv2 in --archs (the paired reference)")
+    if not seeds:
+        raise ValueError("the study needs at least one seed")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise ValueError(
+            "the report's plot needs matplotlib: pip install 'mldcn[bench]'"
+        ) from None
+    if threads:
+        torch.set_num_threads(threads)
+    out = Path(out_dir)
+    (out / "cells").mkdir(parents=True, exist_ok=True)
+
+    files = _file_info(source.paths)
+    test_files = _file_info(test_source.paths) if test_source is not None else []
+    identity = {"files": files, "test_files": test_files, "split": asdict(split),
+                "train": train_kw}
+    study_path = out / "study.json"
+    if study_path.exists():
+        old = json.loads(study_path.read_text())
+        if old.get("identity") != json.loads(json.dumps(identity)):
+            raise ValueError(
+                f"{out} holds a study with other data or training settings ({study_path}); "
+                "use another --out or delete it"
+            )
+
+    cache = out / ".prepared"
+    t0 = time.perf_counter()
+    data = prepare(source, split, cache)
+    if test_source is not None:
+        test_data = prepare(test_source, SplitSpec(valid_frac=0.0, test_frac=0.0),
+                            cache / "test", encoders=data.encoders)
+        data.shards["test"] = test_data.shards["train"]
+        data.stats["test"] = test_data.stats["train"]
+    sizes = ", ".join(f"{k} {v['rows']:,}" for k, v in _split_stats(data.stats))
+    log(f"data: {sizes} rows ({time.perf_counter() - t0:.1f}s)")
+    cards, num_dense = data.encoders.cardinalities, data.encoders.num_dense
+    split_desc = (f"random by hash of (seed {split.seed}, row), valid {split.valid_frac:.0%}, "
+                  f"test {split.test_frac:.0%}" if split.kind == "random" else
+                  f"by time column `{split.time_column}`: earliest "
+                  f"{1 - split.valid_frac - split.test_frac:.0%} train, next "
+                  f"{split.valid_frac:.0%} valid, latest {split.test_frac:.0%} test")
+    if test_source is not None:
+        split_desc += "; test rows: the separate test file(s), encoded with the train encoders"
+    tk = train_kw
+    study = {
+        "title": title,
+        "command": command,
+        "identity": identity,
+        "archs": list(archs),
+        "levels": list(levels),
+        "seeds": list(seeds),
+        "data": {"files": files, "test_files": test_files, "splits": data.stats,
+                 "cardinalities": cards, "num_dense": num_dense},
+        "split_description": split_desc,
+        "train_description": (
+            f"Adam lr {tk.get('lr', 1e-3)}, batch {tk.get('batch_size', 1024)}, up to "
+            f"{tk.get('epochs', 10)} epochs, early stop after {tk.get('early_stop_patience', 2)} "
+            "epochs without validation-AUC gain, lr ×0.1 on a validation-AUC plateau, gradient "
+            "clip 10, BCE loss"),
+        "machine": f"{os.cpu_count()} CPUs, torch {torch.__version__}, "
+                   f"{torch.get_num_threads()} torch thread(s)",
+        "presets": preset_rows(cards, num_dense, archs, levels),
+    }
+    _write_json(study_path, study)
+    try:
+        for level in levels:
+            for seed in seeds:
+                for arch in archs:
+                    path = out / "cells" / f"{cell_name(arch, level, seed)}.json"
+                    if path.exists():
+                        continue
+                    cell = train_cell(data, cards, num_dense, arch, level, seed, train_kw, log)
+                    _write_json(path, cell)
+                    write_report(out, study, load_cells(out))
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+    return write_report(out, study, load_cells(out))
+
+
+def _csv(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+class _Head:
+    """A DataSource limited to its first ``rows`` rows."""
+
+    def __init__(self, source: Any, rows: int) -> None:
+        self.source, self.rows = source, rows
+        self.schema, self.paths, self.fmt = source.schema, source.paths, source.fmt
+
+    def iter_chunks(self, chunk_rows: int = 65536):
+        left = self.rows
+        for chunk in self.source.iter_chunks(chunk_rows):
+            n = len(next(iter(chunk.values())))
+            if n >= left:
+                yield {k: v[:left] for k, v in chunk.items()}
+                return
+            left -= n
+            yield chunk
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """The ``mldcn bench quality`` command that reproduces ``args`` (every option spelled out)."""
+    words = ["mldcn", "bench", "quality", "--data", *args.data]
+    if args.test_data:
+        words += ["--test-data", *args.test_data]
+    if args.format != "auto":
+        words += ["--format", args.format]
+    if args.schema:
+        words += ["--schema", args.schema]
+    words += ["--split", args.split]
+    if args.time_column:
+        words += ["--time-column", args.time_column]
+    words += ["--valid-frac", str(args.valid_frac)]
+    if not args.test_data:
+        words += ["--test-frac", str(args.test_frac)]
+    if args.split == "random":
+        words += ["--split-seed", str(args.split_seed)]
+    words += ["--archs", args.archs, "--levels", args.levels, "--seeds", str(args.seeds),
+              "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
+              "--lr", str(args.lr), "--patience", str(args.patience)]
+    if args.max_rows:
+        words += ["--max-rows", str(args.max_rows)]
+    words += ["--threads", str(args.threads)]
+    if args.title:
+        words += ["--title", args.title]
+    words += ["--out", args.out]
+    return shlex.join(words)
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    """``mldcn bench quality``: run or resume the study, print where the report is."""
+    from model.readers import open_source
+    from model.split import SplitSpec
+
+    for path in [*args.data, *(args.test_data or [])]:
+        if not Path(path).exists():
+            raise ValueError(f"data file not found: {path}")
+    source = open_source(args.data, fmt=args.format, schema=args.schema)
+    test_source = (open_source(args.test_data, fmt=args.format, schema=source.schema)
+                   if args.test_data else None)
+    if args.max_rows:
+        source = _Head(source, args.max_rows)
+        if test_source is not None:
+            test_source = _Head(test_source, args.max_rows)
+    test_frac = 0.0 if test_source is not None else args.test_frac
+    time_column = args.time_column or source.schema.time_column
+    split = SplitSpec(kind=args.split, valid_frac=args.valid_frac, test_frac=test_frac,
+                      seed=args.split_seed,
+                      time_column=time_column if args.split == "time" else None)
+    train_kw = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
+                "early_stop_patience": args.patience}
+    report = run_study(
+        source, split, args.out, _csv(args.archs), _csv(args.levels), list(range(args.seeds)),
+        train_kw, command=command_line(args), test_source=test_source, title=args.title,
+        threads=args.threads,
+    )
+    print(f"{report['cells_done']}/{report['cells_expected']} cells; report: "
+          f"{Path(args.out) / 'report.md'}")
+    return report
