@@ -4,7 +4,7 @@ PYTHON ?= python3
 PY      = $(VENV)/bin/python
 EXTRAS ?= train,serve,export,loadtest,dev
 
-.PHONY: install demo test lint bench-train bench-memory clean
+.PHONY: install demo test lint bench-train bench-memory docker-test clean
 
 install: $(VENV)/.installed
 
@@ -34,6 +34,11 @@ bench-train: install
 
 bench-memory: install
 	$(VENV)/bin/mldcn bench train-memory --out docs/bench/train_memory.json
+
+## Smoke test of the CPU Docker image without Docker Hub (root: installs docker.io and
+## debootstrap if missing, starts dockerd); see docker/smoke_test.sh.
+docker-test: install
+	bash docker/smoke_test.sh
 
 clean:
 	rm -rf demo runs .cache .pytest_cache .ruff_cache
