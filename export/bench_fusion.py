@@ -339,14 +339,9 @@ def machine() -> dict[str, Any]:
     import onnxruntime as ort
     import torch
 
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from model.files import cpu_name
+
+    cpu = cpu_name()
     try:
         load = list(os.getloadavg())
     except OSError:

@@ -84,7 +84,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import json
 import math
 import os
@@ -99,6 +98,7 @@ from pathlib import Path
 from typing import Any
 
 from model.encoders import FeatureEncoders
+from model.files import sha256_file
 from model.schema import SchemaError
 
 MODEL_FILE = "model.onnx"
@@ -189,15 +189,6 @@ def io_spec(num_cat: int, num_dense: int) -> tuple[list[dict[str, Any]], list[di
 def utc_now() -> str:
     """The current UTC time as ISO 8601 with a ``Z`` suffix, to the second."""
     return datetime.now(timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
-
-
-def sha256_file(path: str | Path, block: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def json_safe(value: Any) -> Any:

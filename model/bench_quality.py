@@ -459,7 +459,7 @@ def preset_rows(cards: list[int], num_dense: int, archs: Sequence[str], levels: 
 
 
 def _file_info(paths: Sequence[Path]) -> list[dict[str, Any]]:
-    from model.train import sha256_file
+    from model.files import sha256_file
 
     return [{"path": str(p), "sha256": sha256_file(p), "bytes": Path(p).stat().st_size}
             for p in paths]

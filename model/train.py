@@ -18,7 +18,6 @@ leaves no half-written run folder behind.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import math
 import os
@@ -38,6 +37,7 @@ from torch import nn
 from model.config import ModelConfig
 from model.ctr import build_model
 from model.dataset import PreparedData, Shard, iter_batches, prepare
+from model.files import sha256_file
 from model.flops import model_flops
 from model.metrics import log_loss, roc_auc
 from model.split import SplitSpec
@@ -196,14 +196,6 @@ def fit(
     if best_state is not None:
         model.load_state_dict(best_state)
     return history
-
-
-def sha256_file(path: str | Path, block: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def train_run(
