@@ -8,8 +8,8 @@ client's clock measures the server rather than the client's own scheduling.
 Claims checked, with the client's clock: every 200 met its deadline (p99 of served latency
 <= budget + TOLERANCE_MS, the tolerance covering the time before the app sees the request and
 after it answers: sockets, the HTTP parser), rejections (503) come back fast (p99 <=
-REJECT_P99_MS: the issue's target is 10 ms; measured here 18-27 ms on 2 cores while other jobs
-loaded the machine, so the bound only guards against regressions),
+REJECT_P99_MS: the issue's target is 10 ms; measured here 23-30 ms on 2 otherwise idle cores,
+so the bound only guards against regressions),
 admitted requests that still miss (504) stay rare, nothing else than 200/503/504 is returned,
 and the server is healthy afterwards. Clients pause BACKOFF_S after a rejection.
 """
