@@ -262,10 +262,15 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-    out = Path(args.out)
+    return write_result(args.out, result, format_table(result))
+
+
+def write_result(path: str | Path, result: dict[str, Any], table: str) -> dict[str, Any]:
+    """Write a benchmark's JSON to ``path``, print its table; returns ``result``."""
+    out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
-    print(format_table(result))
+    print(table)
     print(f"wrote {out}")
     return result
 
@@ -290,6 +295,9 @@ def format_table(result: dict[str, Any]) -> str:
         lines.append(f"  {key:<20} {s['rows_per_s']:12,.0f} rows/s "
                      f"({s['ratio_to_in_process']:.2f}x in-process, {s['errors']} errors)")
     for key, t in result["targets"].items():
+        if t["measured"] is None:
+            lines.append(f"target {key}: not measured (needs 512 candidates in --sizes)")
+            continue
         lines.append(f"target {key}: {t['measured']:.2f} vs {t['target']} -> "
                      f"{'met' if t['met'] else 'NOT met'}")
     return "\n".join(lines)

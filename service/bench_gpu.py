@@ -220,12 +220,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(format_table(result))
-    print(f"wrote {out}")
-    return result
+    from service.bench import write_result
+
+    return write_result(args.out, result, format_table(result))
 
 
 def _device_name() -> str | None:
