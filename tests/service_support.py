@@ -111,6 +111,16 @@ def metric(samples: dict[Any, float], name: str, **labels: str) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
+def stop_process(proc: subprocess.Popen[bytes], timeout_s: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL if the process has not exited after ``timeout_s``."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=timeout_s)
+
+
 @contextlib.contextmanager
 def run_server(repo: Path, env: dict[str, str] | None = None,
                cpus: set[int] | None = None) -> Iterator[Server]:
@@ -143,12 +153,7 @@ def run_server(repo: Path, env: dict[str, str] | None = None,
             time.sleep(0.1)
         yield server
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+        stop_process(proc)
         log_path.unlink(missing_ok=True)
 
 

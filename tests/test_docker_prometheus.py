@@ -24,7 +24,13 @@ from typing import Any
 
 import pytest
 import yaml
-from service_support import exported_models, free_port, request_for, run_server
+from service_support import (
+    exported_models,
+    free_port,
+    request_for,
+    run_server,
+    stop_process,
+)
 
 DOCKER = Path(__file__).resolve().parents[1] / "docker"
 RULES = sorted((DOCKER / "prometheus" / "rules").glob("*.yml"))
@@ -117,12 +123,7 @@ def prometheus_with_load() -> Iterator[Prometheus]:
             _load(server, models)
             yield prom
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_process(proc)
             log.close()
 
 
