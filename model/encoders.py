@@ -41,6 +41,7 @@ import math
 import zlib
 from collections import Counter
 from collections.abc import Mapping, Sequence
+from itertools import repeat
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +76,9 @@ def _canonical_array(values: Sequence[Any] | np.ndarray) -> list[str | None]:
     """Canonical strings for a column; fast path for the readers' object arrays of str/None."""
     if isinstance(values, np.ndarray) and values.dtype.kind in "iu":
         return [str(v) for v in values.tolist()]
+    if not isinstance(values, np.ndarray) and set(map(type, values)) <= {str}:
+        # all strings (the common case, checked at C speed): only "" needs mapping
+        return [v or None for v in values] if "" in values else list(values)
     out = []
     for v in values.tolist() if isinstance(values, np.ndarray) else values:
         if v.__class__ is str:
@@ -109,9 +113,9 @@ class CategoricalEncoder:
     def transform(self, values: Sequence[Any] | np.ndarray) -> np.ndarray:
         """Ids for a column of raw values, int64 of shape (len(values),)."""
         keys = _canonical_array(values)
-        if self.spec.encoding == "vocab":
-            get = self._index.get
-            return np.fromiter((get(k, 0) for k in keys), dtype=np.int64, count=len(keys))
+        if self.spec.encoding == "vocab":  # None (missing) and unseen values -> 0
+            return np.fromiter(map(self._index.get, keys, repeat(0)), dtype=np.int64,
+                               count=len(keys))
         name, n = self.spec.name, self.cardinality - 1
         return np.fromiter(
             (0 if k is None else 1 + stable_hash(name, k) % n for k in keys),

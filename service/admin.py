@@ -58,11 +58,13 @@ class LoadResponse(BaseModel):
     load_s: float | None = Field(default=None, description="open + validate + warm up")
 
 
-def _service(request: Request) -> ScoringService:
+async def get_service(request: Request) -> ScoringService:
+    """The app's ScoringService. ``async`` on purpose: FastAPI runs a plain ``def`` dependency
+    in its thread pool, a thread hop per request that costs a scheduling delay on a busy core."""
     return request.app.state.service
 
 
-Service = Annotated[ScoringService, Depends(_service)]
+Service = Annotated[ScoringService, Depends(get_service)]
 
 
 def make_admin_router(token: bytes | None) -> APIRouter:

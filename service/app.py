@@ -28,20 +28,22 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Header, Request, Response
+from fastapi import Depends, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from export.repository import INPUT_NAMES
 from service import kserve
-from service.admin import make_admin_router
+from service.admin import get_service, make_admin_router
 from service.metrics import UNKNOWN_MODEL, Metrics
 from service.models import ServedModel
 from service.schemas import (
@@ -62,6 +64,7 @@ Message = MutableMapping[str, Any]
 ASGIApp = Callable[[Scope, Callable[[], Awaitable[Message]], Callable[[Message], Awaitable[None]]],
                    Awaitable[None]]
 SCORE_PATH = "/v1/score"
+TIMEOUT_HEADER = "x-request-timeout-ms"
 INFER_PATH = re.compile(r"/v2/models/[^/]+(/versions/[^/]+)?/infer")
 CLIENT_CLOSED = 499  # nginx's code for "client closed the request"; never reaches the client
 _UNION_MEMBERS = {"constrained-str", "str", "bool", "int", "float", "none"}
@@ -153,6 +156,8 @@ class EdgeMiddleware:
             if counted and await self._shed(scope, receive, send_status, state):
                 return
             receive = await self._limit_body(scope, receive, send_status)
+            if receive is not None and counted and scope["path"] == SCORE_PATH:
+                receive = await self._admit(scope, receive, send_status, state)
             if receive is not None:
                 await self.app(scope, receive, send_status)
         finally:
@@ -184,11 +189,10 @@ class EdgeMiddleware:
         for key, value in scope.get("headers", ()):
             if key == b"x-request-timeout-ms":
                 try:
-                    header = float(value)
-                except ValueError:
+                    header = timeout_header(value)
+                except ServiceError:
                     return False  # the route answers 422
-        if header is not None and not header > 0:
-            return False
+        state["header_timeout_ms"] = header
         error = self.service.shed_early(state["arrival_s"], header)
         if error is None:
             return False
@@ -196,6 +200,44 @@ class EdgeMiddleware:
         await error_body(error.status, error.error, error.message, headers=error.headers)(
             scope, receive, send)
         return True
+
+    async def _admit(self, scope: Scope, receive: Any, send: Any, state: dict[str, Any]) -> Any:
+        """Admission control for ``/v1/score`` on the parsed body, before FastAPI validates it
+        (:func:`peek_admission`): under overload most requests are rejected, and here a
+        rejection costs the JSON parse and little else. The parsed body goes on to the route
+        (``state["json_body"]``). Returns ``receive`` to pass on, or None when answered."""
+        chunks = []
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return None  # disconnected: never computed
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        try:
+            raw = json.loads(body)
+        except ValueError:
+            raw = None  # the route answers 422, naming the character
+        if "header_timeout_ms" in state:  # a valid header (or none); else the route's 422
+            peek = peek_admission(self.service, raw)
+            try:
+                if peek is not None:
+                    model, rows, timeout_ms = peek
+                    self.service.admit_early(model, rows, state["arrival_s"],
+                                             (timeout_ms, state["header_timeout_ms"]))
+            except ServiceError as error:
+                state["model"] = model.name
+                await error_body(error.status, error.error, error.message,
+                                 headers=error.headers)(scope, receive, send)
+                return None
+        state["json_body"] = raw
+        replay = [{"type": "http.request", "body": body, "more_body": False}]
+
+        async def replay_receive() -> Message:
+            return replay.pop() if replay else await receive()
+
+        return replay_receive
 
     async def _limit_body(self, scope: Scope, receive: Any, send: Any) -> Any:
         """``receive`` to pass on, or None when an error was answered already."""
@@ -240,8 +282,28 @@ class EdgeMiddleware:
                          f"({self.max_body_bytes})")(scope, receive, send)
 
 
-def get_service(request: Request) -> ScoringService:
-    return request.app.state.service
+TIMEOUT_PARAMETER = {
+    "name": "X-Request-Timeout-Ms", "in": "header", "required": False,
+    "schema": {"type": "number", "exclusiveMinimum": 0},
+    "description": "latency budget in milliseconds; capped by the server's default_timeout_ms",
+}
+
+
+def _document_body(app: FastAPI, model: type[ScoreRequest]) -> None:
+    """Put ``model`` (and the schemas it refers to) into the OpenAPI components: a route that
+    parses its own body declares it through ``openapi_extra`` only."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = generate()
+            own = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            components.update(own.pop("$defs", {}))
+            components[model.__name__] = own
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 ServiceDep = Annotated[ScoringService, Depends(get_service)]
@@ -254,22 +316,113 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-async def score(
-    body: ScoreRequest,
-    request: Request,
-    service: ServiceDep,
-    x_request_timeout_ms: Annotated[float | None, Header(gt=0, allow_inf_nan=False)] = None,
-) -> Response:
-    """Score the candidates for one user and context; scores come back in candidate order."""
+async def score(request: Request, service: ServiceDep) -> Response:
+    """Score the candidates for one user and context; scores come back in candidate order.
+
+    The body is not a ``ScoreRequest`` parameter: the edge middleware has parsed it and run
+    admission control on it already (:func:`peek_admission`), so that under overload a
+    rejection costs a JSON parse rather than a validation; the route validates it.
+    """
+    state = request.state
+    header_ms = timeout_header(request.headers.get(TIMEOUT_HEADER))
+    raw = getattr(state, "json_body", None)  # parsed by the edge middleware
+    if raw is None:
+        raw = parse_json_body(await request.body())
+    body = validate_body(ScoreRequest, raw)
     model, arm = service.route(body.model, body.user_id, body.user)
-    request.state.model = model.name
-    request.state.arm = arm
-    result, done = await service.score(model, body, request.state.arrival_s,
-                                       x_request_timeout_ms, request.receive, arm)
+    state.model = model.name
+    state.arm = arm
+    result, done = await service.score(model, body, state.arrival_s, header_ms,
+                                       request.receive, arm)
     if arm is not None:
         service.metrics.arm_score.labels(arm=arm).observe(float(done.probs.mean()))
-    request.state.after_response = service.shadow.plan(done, body.request_id)
+    state.after_response = service.shadow.plan(done, body.request_id)
     return Response(result.model_dump_json(), media_type="application/json")
+
+
+def timeout_header(value: str | bytes | None) -> float | None:
+    """The ``X-Request-Timeout-Ms`` header in milliseconds (None when absent); ServiceError 422
+    naming the header when it is not a positive, finite number.
+
+    Example:
+        >>> timeout_header("25"), timeout_header(None)
+        (25.0, None)
+        >>> timeout_header("soon")
+        Traceback (most recent call last):
+        ...
+        service.scoring.ServiceError: must be a positive, finite number of milliseconds, got 'soon'
+    """
+    if value is None:
+        return None
+    text = value.decode("latin-1") if isinstance(value, bytes) else value
+    try:
+        ms = float(text)
+    except ValueError:
+        ms = math.nan
+    if not 0 < ms < math.inf:
+        raise ServiceError(422, "invalid_request", "must be a positive, finite number of "
+                           f"milliseconds, got {text[:40]!r}", field=TIMEOUT_HEADER)
+    return ms
+
+
+def parse_json_body(body: bytes) -> Any:
+    """The request body as JSON, whatever its Content-Type; RequestValidationError (422) at
+    the character where it stops being JSON. ``NaN``/``Infinity`` parse here and are refused
+    by validation, naming the field."""
+    if not body:
+        raise RequestValidationError([{"type": "missing", "loc": ("body",),
+                                       "msg": "a JSON body is required"}])
+    try:
+        return json.loads(body)
+    except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8/16/32
+        raise RequestValidationError([{
+            "type": "json_invalid", "loc": ("body", getattr(e, "pos", 0)),
+            "msg": "JSON decode error", "ctx": {"error": getattr(e, "msg", str(e))}}]) from None
+
+
+def validate_body(model: type[ScoreRequest], raw: Any) -> ScoreRequest:
+    """``raw`` validated as ``model``; RequestValidationError with locations under ``body``
+    (what FastAPI raises for a body parameter, so errors read the same)."""
+    try:
+        return model.model_validate(raw)
+    except ValidationError as e:
+        raise RequestValidationError(
+            [{**err, "loc": ("body", *err["loc"])} for err in e.errors()]) from None
+
+
+def peek_admission(service: ScoringService, raw: Any) -> tuple[ServedModel, int, Any] | None:
+    """(model, candidates, timeout_ms) of a parsed, not yet validated ``/v1/score`` body: what
+    admission control needs, read without validating the rest. None when the body's model,
+    user, timeout or candidates are not of the right types (validation answers those, 422)
+    or it names an unknown model (404 after validation).
+
+    Example:
+        >>> peek_admission(None, {"user": {}, "candidates": "x"}) is None
+        True
+    """
+    if not isinstance(raw, dict):
+        return None
+    cands = raw.get("candidates")
+    if isinstance(cands, dict):
+        first = next(iter(cands.values()), None)
+        if not isinstance(first, list):
+            return None
+        rows = len(first)
+    elif isinstance(cands, list):
+        rows = len(cands)
+    else:
+        return None
+    name, user_id, user = raw.get("model"), raw.get("user_id"), raw.get("user")
+    timeout = raw.get("timeout_ms")
+    if (not isinstance(name, str | None) or not isinstance(user_id, str | None)
+            or not isinstance(user, dict)
+            or not (timeout is None or (type(timeout) in (int, float) and 0 < timeout < math.inf))):
+        return None
+    try:
+        model, _ = service.route(name, user_id, user)
+    except ServiceError:
+        return None
+    return model, rows, timeout
 
 
 def v2_model(service: ScoringService, name: str, version: str | None = None) -> ServedModel:
@@ -291,10 +444,10 @@ async def infer(
     request: Request,
     service: ServiceDep,
     version: str | None = None,
-    x_request_timeout_ms: Annotated[float | None, Header(gt=0, allow_inf_nan=False)] = None,
 ) -> Response:
     """KServe v2 inference (see :mod:`service.kserve`): JSON or binary tensors in,
     ``probability`` out, through the same admission control and batcher as /v1/score."""
+    header_ms = timeout_header(request.headers.get(TIMEOUT_HEADER))
     req = kserve.parse_request(await request.body(), request.headers.get(kserve.HEADER_LENGTH))
     model = v2_model(service, name, version)
     request.state.model = model.name
@@ -303,7 +456,7 @@ async def infer(
     if n == 0:
         raise kserve.bad("no rows to score (inputs have 0 rows)", "inputs")
     done = await service.infer(model, n, request.state.arrival_s,
-                               (req.timeout_ms, x_request_timeout_ms), encode,
+                               (req.timeout_ms, header_ms), encode,
                                request.receive, can_degrade=not encoded)
     if not encoded:
         request.state.after_response = service.shadow.plan(done, req.id)
@@ -381,10 +534,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(EdgeMiddleware, max_body_bytes=settings.max_body_bytes, metrics=metrics,
                        service=service)
     app.add_api_route(SCORE_PATH, score, methods=["POST"], response_model=ScoreResponse,
-                      responses=ERROR_RESPONSES, tags=["scoring"])
+                      responses=ERROR_RESPONSES, tags=["scoring"], openapi_extra={
+                          "requestBody": {"required": True, "content": {"application/json": {
+                              "schema": {"$ref": "#/components/schemas/ScoreRequest"}}}},
+                          "parameters": [TIMEOUT_PARAMETER]})
     for path in ("/v2/models/{name}/infer", "/v2/models/{name}/versions/{version}/infer"):
         app.add_api_route(path, infer, methods=["POST"], responses=ERROR_RESPONSES,
+                          openapi_extra={"parameters": [TIMEOUT_PARAMETER]},
                           tags=["kserve-v2"], response_class=Response)
+    _document_body(app, ScoreRequest)
     token = settings.admin_secret()
     if token is not None:  # no token: no admin routes at all (404 like any unknown path)
         app.include_router(make_admin_router(token))

@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import math
+import os
 import time
 from collections import deque
 from collections.abc import Callable
@@ -44,6 +45,23 @@ import numpy as np
 from service.budget import LatencyModel
 
 RunFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+
+def lower_thread_priority(nice: int) -> None:
+    """Raise the calling thread's nice value by ``nice``; threads it starts later inherit it.
+
+    On Linux the nice value belongs to the thread, not the process: the threads that run
+    ONNX Runtime get a lower priority than the event loop, which then takes the core
+    whenever it has work (admission decisions, 503s, responses) instead of sharing it in
+    time slices with a batch that runs for milliseconds. A no-op for 0 and where the
+    platform has no ``os.setpriority``; an error is ignored (the thread keeps its priority).
+    """
+    if nice <= 0 or not hasattr(os, "setpriority"):
+        return
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, os.getpriority(os.PRIO_PROCESS, 0) + nice)
+    except OSError:
+        pass
 
 
 class QueueFull(Exception):
@@ -149,6 +167,7 @@ class Batcher:
         instance_count: batches run concurrently (threads).
         latency: the latency model to feed and ask (a fresh one by default).
         on_batch: called with (rows, compute seconds) after each batch, for metrics.
+        nice: nice increment of the batch threads (:func:`lower_thread_priority`).
     """
 
     def __init__(
@@ -163,6 +182,7 @@ class Batcher:
         latency: LatencyModel | None = None,
         on_batch: Callable[[int, float], None] | None = None,
         name: str = "model",
+        nice: int = 0,
     ) -> None:
         if max_batch_size < 1 or max_queue_size < 1 or instance_count < 1:
             raise ValueError("max_batch_size, max_queue_size and instance_count must be >= 1, "
@@ -185,7 +205,8 @@ class Batcher:
         self._ids = itertools.count()
         self._tasks: set[asyncio.Task[None]] = set()
         self._loop_task: asyncio.Task[None] | None = None
-        self._executor = ThreadPoolExecutor(instance_count, thread_name_prefix=f"ort-{name}")
+        self._executor = ThreadPoolExecutor(instance_count, thread_name_prefix=f"ort-{name}",
+                                            initializer=lower_thread_priority, initargs=(nice,))
 
     # -- state --------------------------------------------------------------------------------
     @property

@@ -16,10 +16,11 @@ bucket (:mod:`service.gpu`); ``pad_to_buckets=on`` runs the same path on CPU. fp
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import onnxruntime as ort
@@ -31,10 +32,13 @@ from export.repository import (
     ModelRepository,
     ModelVersion,
 )
+from service.batcher import lower_thread_priority
 from service.buckets import BucketedRunner, active_buckets
 from service.encode import RequestEncoder
 from service.gpu import CPU, CUDA, BoundRunner, cuda_provider_options, resolve_providers
 from service.settings import Settings
+
+T = TypeVar("T")
 
 log = logging.getLogger("mldcn.service")
 
@@ -132,8 +136,8 @@ def _create_session(mv: ModelVersion, settings: Settings) -> tuple[ort.Inference
     providers, cuda = resolve_providers(settings.execution_provider, cuda_options(settings))
     graphs = cuda and settings.cuda_graphs
     try:
-        return ort.InferenceSession(str(mv.onnx_path), sess_options=opts,
-                                    providers=providers), graphs
+        return in_niced_thread(settings.inference_nice, ort.InferenceSession, str(mv.onnx_path),
+                               sess_options=opts, providers=providers), graphs
     except Exception as e:
         if not graphs:
             raise
@@ -141,7 +145,39 @@ def _create_session(mv: ModelVersion, settings: Settings) -> tuple[ort.Inference
                   mv.version, str(e).splitlines()[0] if str(e) else type(e).__name__)
     providers, _ = resolve_providers(settings.execution_provider,
                                      cuda_options(settings, cuda_graphs=False))
-    return ort.InferenceSession(str(mv.onnx_path), sess_options=opts, providers=providers), False
+    return in_niced_thread(settings.inference_nice, ort.InferenceSession, str(mv.onnx_path),
+                           sess_options=opts, providers=providers), False
+
+
+def in_niced_thread(nice: int, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """``fn(*args, **kwargs)`` in a new thread whose nice value is raised by ``nice``.
+
+    ONNX Runtime starts a session's intra-op thread pool when the session is created, and
+    new threads inherit their creator's nice value: created here, the pool runs at the same
+    lowered priority as the batcher threads that call it (:func:`lower_thread_priority`).
+
+    Example:
+        >>> in_niced_thread(0, max, 2, 3), in_niced_thread(1, max, 2, 3)
+        (3, 3)
+    """
+    if nice <= 0:
+        return fn(*args, **kwargs)
+    out: list[Any] = []
+
+    def target() -> None:
+        lower_thread_priority(nice)
+        try:
+            out.append((True, fn(*args, **kwargs)))
+        except BaseException as e:  # re-raised in the caller
+            out.append((False, e))
+
+    thread = threading.Thread(target=target, name="ort-session")
+    thread.start()
+    thread.join()
+    ok, value = out[0]
+    if not ok:
+        raise value
+    return value
 
 
 def open_version(mv: ModelVersion, settings: Settings) -> ServedModel:

@@ -150,7 +150,8 @@ class ScoringService:
             m.run, max_batch_size=s.max_batch_size,
             max_queue_delay_s=s.max_queue_delay_ms / 1e3, max_queue_size=s.max_queue_size,
             dynamic_batching=s.dynamic_batching, instance_count=s.instance_count,
-            latency=latency, on_batch=self._batch_observer(m), name=m.name)
+            latency=latency, on_batch=self._batch_observer(m), name=m.name,
+            nice=s.inference_nice)
         batcher.start()
         old, old_batcher = self.models.get(m.name), self.batchers.get(m.name)
         self.models[m.name], self.batchers[m.name] = m, batcher
@@ -397,6 +398,25 @@ class ScoringService:
                             f"the queue alone is predicted to take {best * 1e3:.1f} ms, more "
                             "than the budget", retry_after=retry_after_s(best))
 
+    def admit_early(self, model: ServedModel, rows: int, arrival_s: float,
+                    timeouts_ms: tuple[float | None, ...]) -> None:
+        """Raise now the 503 that :meth:`infer` would answer for ``rows`` rows of ``model``
+        (queue full, or a predicted deadline miss with nothing to degrade to), before the
+        request is validated and encoded; do nothing in every other case (:meth:`infer`
+        decides those). Counted like :meth:`infer`'s own rejections."""
+        s = self.settings
+        if self.draining or not self.ready or not 0 < rows <= s.max_candidates:
+            return
+        deadline_s = arrival_s + budget_s(s.default_timeout_ms, timeouts_ms)
+        now_s = time.monotonic()
+        if now_s >= deadline_s:
+            return  # infer answers 504
+        try:
+            self._admit(model, rows, now_s, deadline_s)
+        except ServiceError:
+            self.metrics.candidates.labels(model=model.name).observe(rows)
+            raise
+
     def _reject(self, model: ServedModel, status: int, reason: str, message: str,
                 retry_after: int | None = None) -> ServiceError:
         self.metrics.rejected.labels(model=model.name, reason=reason).inc()
@@ -421,8 +441,6 @@ class ScoringService:
             fb_batcher = self.batchers[fallback.name]
             fb_pred = self.predict_s(fallback, rows) * s.admission_safety_factor
             if fb_batcher.queue_depth < s.max_queue_size and now_s + fb_pred <= deadline_s:
-                self.metrics.degraded.labels(model=model.name,
-                                             reason="predicted_deadline_miss").inc()
                 return fallback, True, fb_pred / s.admission_safety_factor
         left_ms = max(0.0, (deadline_s - now_s) * 1e3)
         raise self._reject(
@@ -512,6 +530,8 @@ class ScoringService:
                                "the deadline passed before the request was read")
         served, degraded, predicted_s = self._admit(model, rows, now_s, deadline_s,
                                                     can_degrade)
+        if degraded:
+            self.metrics.degraded.labels(model=model.name, reason="predicted_deadline_miss").inc()
         cat, dense = encode(served, not degraded)
         encoded_s = time.monotonic()
         self.encode_cost[served.name].observe(rows, encoded_s - now_s)

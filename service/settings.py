@@ -64,6 +64,12 @@ class Settings(BaseSettings):
         default=0, ge=0, description="ONNX Runtime intra-op threads; 0 = cores / workers"
     )
     inter_op_threads: int = Field(default=1, ge=1, description="ONNX Runtime inter-op threads")
+    inference_nice: int = Field(
+        default=5, ge=0, le=19,
+        description="nice increment of the threads that run ONNX Runtime (Linux), so that "
+                    "the event loop (admission, 503s, responses) is never starved by compute "
+                    "on the same cores; 0 = same priority",
+    )
     warmup_runs: int = Field(
         default=20, ge=1, description="warmup runs per batch size before ready (seeds latency)"
     )

@@ -7,11 +7,14 @@ client's clock measures the server rather than the client's own scheduling.
 
 Claims checked, with the client's clock: every 200 met its deadline (p99 of served latency
 <= budget + TOLERANCE_MS, the tolerance covering the time before the app sees the request and
-after it answers: sockets, the HTTP parser), rejections (503) come back fast (p99 <=
-REJECT_P99_MS: the issue's target is 10 ms; measured here 23-30 ms on 2 otherwise idle cores,
-so the bound only guards against regressions),
-admitted requests that still miss (504) stay rare, nothing else than 200/503/504 is returned,
-and the server is healthy afterwards. Clients pause BACKOFF_S after a rejection.
+after it answers: sockets, the HTTP parser, an event loop busy with other requests),
+rejections (503) come back fast (p99 <= 10 ms, the issue's target), admitted requests that
+still miss (504) stay rare, nothing else than 200/503/504 is returned, and the server is
+healthy afterwards. Clients pause BACKOFF_S after a rejection.
+
+What makes a 503 cheap (service/app.py): the edge middleware runs admission on the parsed JSON
+before FastAPI validates anything, and ONNX Runtime's threads run at a lower priority
+(``inference_nice``), so the event loop takes the core whenever it has a decision to make.
 """
 
 from __future__ import annotations
@@ -29,11 +32,11 @@ import pytest
 from service_support import Models, Server, exported_models, metric, request_for, run_server
 
 BUDGET_MS = 30.0
-# Client-side p99 of served requests measured 34-46 ms on the idle 2-core machine: the server
+# Client-side p99 of served requests measured 31-35 ms on the idle 2-core machine: the server
 # itself answers inside the budget (checked exactly below: every 200 has non-negative deadline
 # slack), the rest is the kernel, the HTTP parser and the client sharing two cores.
-TOLERANCE_MS = 20.0
-REJECT_P99_MS = 50.0  # the issue asks 10 ms; see the module docstring
+TOLERANCE_MS = 10.0
+REJECT_P99_MS = 10.0  # measured 7-8 ms
 CLIENTS = 32
 DURATION_S = 3.0
 BACKOFF_S = 0.02
