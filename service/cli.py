@@ -40,6 +40,8 @@ SERVE_FLAGS: dict[str, tuple[str, type, str]] = {
     "--max-candidates": ("max_candidates", int, "candidates per request (4096)"),
     "--execution-provider": ("execution_provider", str, "auto, cuda or cpu (auto)"),
     "--intra-op-threads": ("intra_op_threads", int, "ONNX Runtime threads (0: cores/workers)"),
+    "--inference-nice": ("inference_nice", int,
+                         "nice increment of the ONNX Runtime threads (5; 0: same as the loop)"),
     "--on-provider-fallback": ("on_provider_fallback", str,
                                "cuda asked for, session on CPU: fail or warn (fail)"),
     "--device-id": ("device_id", int, "CUDA device (0)"),

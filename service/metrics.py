@@ -63,7 +63,9 @@ from prometheus_client import (
     multiprocess,
 )
 
-LATENCY_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+# 0.5 ms … 1 s, finer around the usual SLOs (20-50 ms), where p99 and "within budget" are read
+LATENCY_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05,
+                     0.075, 0.1, 0.2, 0.5, 1.0)
 ROW_BUCKETS = tuple(float(2**i) for i in range(14))  # 1 … 8192
 PROBABILITY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
 DIFF_BUCKETS = (1e-5, 1e-4, 1e-3, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)

@@ -543,7 +543,7 @@ class ScoringService:
         depth = self.metrics.queue_depth.labels(model=served.name)
         depth.set(batcher.queue_depth)
         try:
-            probs = await self._wait(item, receive)
+            probs = await self._wait(item, deadline_s, receive)
         except DeadlineExceeded:
             self._feedback(served, predicted_s, time.monotonic() - now_s, missed=True)
             raise self._reject(model, 504, "deadline_exceeded",
@@ -564,17 +564,23 @@ class ScoringService:
         return Scored(served, degraded, probs, item.queue_s, item.compute_s, done_s, encode)
 
     @staticmethod
-    async def _wait(item: Any, receive: Receive | None) -> np.ndarray:
-        """The item's result; if the client disconnects first, withdraw the item."""
-        if receive is None:
-            return await item.future
-        watcher = asyncio.ensure_future(_wait_disconnect(receive))
+    async def _wait(item: Any, deadline_s: float, receive: Receive | None) -> np.ndarray:
+        """The item's result. At the deadline, or if the client disconnects first, the item
+        is withdrawn (cancelled: the batcher skips it, or drops the result of a batch that
+        already holds it) and DeadlineExceeded / ClientDisconnected is raised at once,
+        rather than when the batcher next looks at the queue."""
+        watcher = None if receive is None else asyncio.ensure_future(_wait_disconnect(receive))
+        waits = {item.future} if watcher is None else {item.future, watcher}
         try:
-            await asyncio.wait((item.future, watcher), return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(waits, timeout=max(0.0, deadline_s - time.monotonic()),
+                               return_when=asyncio.FIRST_COMPLETED)
+            gone = watcher is not None and watcher.done()
         finally:
-            watcher.cancel()
-        if not item.future.done():
-            item.future.cancel()  # the batcher skips it: never computed
+            if watcher is not None:
+                watcher.cancel()
+        if item.future.done():
+            return item.future.result()  # DeadlineExceeded if the batcher dropped it
+        item.future.cancel()
+        if gone:
             raise ClientDisconnected
-        return item.future.result()
-
+        raise DeadlineExceeded("the deadline passed before the request was scored")

