@@ -157,7 +157,7 @@ class EdgeMiddleware:
                 return
             receive = await self._limit_body(scope, receive, send_status)
             if receive is not None and counted and scope["path"] == SCORE_PATH:
-                receive = await self._admit(scope, receive, send_status, state)
+                receive = await self._admit_parsed(scope, receive, send_status, state)
             if receive is not None:
                 await self.app(scope, receive, send_status)
         finally:
@@ -201,7 +201,8 @@ class EdgeMiddleware:
             scope, receive, send)
         return True
 
-    async def _admit(self, scope: Scope, receive: Any, send: Any, state: dict[str, Any]) -> Any:
+    async def _admit_parsed(self, scope: Scope, receive: Any, send: Any,
+                            state: dict[str, Any]) -> Any:
         """Admission control for ``/v1/score`` on the parsed body, before FastAPI validates it
         (:func:`peek_admission`): under overload most requests are rejected, and here a
         rejection costs the JSON parse and little else. The parsed body goes on to the route
@@ -217,7 +218,7 @@ class EdgeMiddleware:
         body = b"".join(chunks)
         try:
             raw = json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):
             raw = None  # the route answers 422, naming the character
         if "header_timeout_ms" in state:  # a valid header (or none); else the route's 422
             peek = peek_admission(self.service, raw)
@@ -378,6 +379,9 @@ def parse_json_body(body: bytes) -> Any:
         raise RequestValidationError([{
             "type": "json_invalid", "loc": ("body", getattr(e, "pos", 0)),
             "msg": "JSON decode error", "ctx": {"error": getattr(e, "msg", str(e))}}]) from None
+    except RecursionError:
+        raise RequestValidationError([{"type": "json_too_deep", "loc": ("body",),
+                                       "msg": "JSON nested too deeply"}]) from None
 
 
 def validate_body(model: type[ScoreRequest], raw: Any) -> ScoreRequest:

@@ -213,6 +213,8 @@ def parse_request(body: bytes, header_length: str | None) -> InferRequest:
         obj = json.loads(head)
     except ValueError as e:
         raise bad(f"the request is not valid JSON: {e}", "body") from None
+    except RecursionError:
+        raise bad("the request's JSON is nested too deeply", "body") from None
     if not isinstance(obj, dict) or not isinstance(obj.get("inputs"), list) or not obj["inputs"]:
         raise bad("the request must be an object with a non-empty inputs list", "inputs")
     params = obj.get("parameters") or {}

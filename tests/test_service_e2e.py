@@ -90,6 +90,9 @@ def test_missing_fields_and_unknown_categories_score(s1: Server) -> None:
 # -- status codes ---------------------------------------------------------------------------------
 BAD_REQUESTS: list[tuple[str, bytes, str]] = [
     ("not json", b"{user: 1", "body"),
+    ("empty body", b"", "body"),
+    ("not utf-8", b'{"user": {"user_cat0": "\xff"}, "candidates": [{}]}', "body"),
+    ("nested too deeply", b'{"user": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "body"),
     ("user missing", b'{"candidates": [{}]}', "user"),
     ("extra key", b'{"user": {}, "candidates": [{}], "foo": 1}', "foo"),
     ("NaN", b'{"user": {}, "candidates": {"ad_num0": [1.0, NaN]}}', "candidates.ad_num0[1]"),

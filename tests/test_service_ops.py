@@ -382,6 +382,9 @@ def test_v2_metadata_timeout_and_errors(plain: Server, models: Models) -> None:
     raw_body, headers = _binary_request(inputs)
     status, _, data = plain.request("POST", "/v2/models/mldcn/infer", raw_body[:-3], headers)
     assert status == 400
+    deep = b'{"inputs": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    status, _, data = plain.request("POST", "/v2/models/mldcn/infer", deep)
+    assert status == 400 and b"nested too deeply" in data
 
 
 # -- A/B and shadow -----------------------------------------------------------------------------
