@@ -8,6 +8,10 @@ import math
 from pathlib import Path
 from typing import Any
 
+from service.metrics import LATENCY_BUCKETS_S
+
+BUCKETS_MS = ", ".join(f"{b * 1e3:g}" for b in LATENCY_BUCKETS_S if b <= 0.1)
+
 LATENCY_PNG = "latency.png"
 THROUGHPUT_PNG = "throughput.png"
 BUSY_LOAD_PER_CORE = 0.3  # load average per core above which the report calls the machine shared
@@ -154,7 +158,7 @@ def markdown(report: dict[str, Any]) -> str:
               "process from send to full response. Server-side percentiles come from the "
               "difference of the `mldcn_request_duration_seconds` histogram (code 200) between "
               "scrapes of `/metrics` before and after the step, interpolated inside buckets "
-              "(0.5, 1, 2, 5, 10, 20, 50, 100 ms …): read them to bucket precision.",
+              f"({BUCKETS_MS} ms …): read them to bucket precision.",
               "- A step meets the SLO when the client p99 is within the SLO and under "
               "0.1% of its requests were not served (503/504 budget answers, other errors, or "
               "client overflow). The SLO-bounded throughput is the highest offered load of a "
