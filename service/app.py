@@ -108,7 +108,8 @@ def validation_details(errors: list[dict[str, Any]]) -> list[ErrorDetail]:
             e = {**e, "msg": f"invalid JSON at character {where}: {why}".rstrip(": ")}
             grouped.setdefault("body", []).append(e)
             continue
-        if e.get("type") == "model_attributes_type" and tuple(e.get("loc", ())) == ("body",):
+        if (e.get("type") in ("model_attributes_type", "model_type")
+                and tuple(e.get("loc", ())) == ("body",)):
             e = {**e, "msg": "the body must be a JSON object (Content-Type: application/json)"}
         grouped.setdefault(field_path(e.get("loc", ())), []).append(e)
     out = []
@@ -160,6 +161,11 @@ class EdgeMiddleware:
                 receive = await self._admit_parsed(scope, receive, send_status, state)
             if receive is not None:
                 await self.app(scope, receive, send_status)
+        except ClientDisconnected:  # gone while sending its body: nothing to answer
+            status[0] = CLIENT_CLOSED
+            if counted:
+                self.metrics.rejected.labels(model=state.get("model", UNKNOWN_MODEL),
+                                             reason="client_disconnected").inc()
         finally:
             if counted:
                 self.service.in_flight -= 1
@@ -187,11 +193,12 @@ class EdgeMiddleware:
             return True
         header = None
         for key, value in scope.get("headers", ()):
-            if key == b"x-request-timeout-ms":
+            if key == b"x-request-timeout-ms":  # the first one, as the route reads it
                 try:
                     header = timeout_header(value)
                 except ServiceError:
                     return False  # the route answers 422
+                break
         state["header_timeout_ms"] = header
         error = self.service.shed_early(state["arrival_s"], header)
         if error is None:
@@ -211,7 +218,7 @@ class EdgeMiddleware:
         while True:
             message = await receive()
             if message["type"] != "http.request":
-                return None  # disconnected: never computed
+                raise ClientDisconnected  # never computed
             chunks.append(message.get("body", b""))
             if not message.get("more_body", False):
                 break
@@ -224,11 +231,11 @@ class EdgeMiddleware:
             peek = peek_admission(self.service, raw)
             try:
                 if peek is not None:
-                    model, rows, timeout_ms = peek
+                    model, arm, rows, timeout_ms = peek
                     self.service.admit_early(model, rows, state["arrival_s"],
                                              (timeout_ms, state["header_timeout_ms"]))
             except ServiceError as error:
-                state["model"] = model.name
+                state["model"], state["arm"] = model.name, arm
                 await error_body(error.status, error.error, error.message,
                                  headers=error.headers)(scope, receive, send)
                 return None
@@ -262,7 +269,7 @@ class EdgeMiddleware:
         while True:
             message = await receive()
             if message["type"] != "http.request":
-                return None  # disconnected
+                raise ClientDisconnected
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
             if size > limit:
@@ -394,11 +401,14 @@ def validate_body(model: type[ScoreRequest], raw: Any) -> ScoreRequest:
             [{**err, "loc": ("body", *err["loc"])} for err in e.errors()]) from None
 
 
-def peek_admission(service: ScoringService, raw: Any) -> tuple[ServedModel, int, Any] | None:
-    """(model, candidates, timeout_ms) of a parsed, not yet validated ``/v1/score`` body: what
-    admission control needs, read without validating the rest. None when the body's model,
-    user, timeout or candidates are not of the right types (validation answers those, 422)
-    or it names an unknown model (404 after validation).
+def peek_admission(service: ScoringService, raw: Any
+                   ) -> tuple[ServedModel, str | None, int, float | None] | None:
+    """(model, A/B arm, candidates, timeout_ms) of a parsed, not yet validated ``/v1/score``
+    body: what admission control needs, read without validating the rest. None when the
+    body's model, user, timeout or candidates are not of the right types (validation answers
+    those, 422) or it names an unknown model (404 after validation). Anything else wrong with
+    the body is found by validation only if the request is admitted: under overload a request
+    that would be rejected is a 503 whatever else is wrong with it.
 
     Example:
         >>> peek_admission(None, {"user": {}, "candidates": "x"}) is None
@@ -418,15 +428,21 @@ def peek_admission(service: ScoringService, raw: Any) -> tuple[ServedModel, int,
         return None
     name, user_id, user = raw.get("model"), raw.get("user_id"), raw.get("user")
     timeout = raw.get("timeout_ms")
+    if timeout is not None:
+        try:  # bool is not a number here; an int too large for a float is refused too
+            timeout = float(timeout) if type(timeout) in (int, float) else math.nan
+        except OverflowError:
+            timeout = math.nan
+        if not 0 < timeout < math.inf:
+            return None
     if (not isinstance(name, str | None) or not isinstance(user_id, str | None)
-            or not isinstance(user, dict)
-            or not (timeout is None or (type(timeout) in (int, float) and 0 < timeout < math.inf))):
+            or not isinstance(user, dict)):
         return None
     try:
-        model, _ = service.route(name, user_id, user)
+        model, arm = service.route(name, user_id, user)
     except ServiceError:
         return None
-    return model, rows, timeout
+    return model, arm, rows, timeout
 
 
 def v2_model(service: ScoringService, name: str, version: str | None = None) -> ServedModel:

@@ -34,6 +34,7 @@ import asyncio
 import itertools
 import math
 import os
+import sys
 import time
 from collections import deque
 from collections.abc import Callable
@@ -53,10 +54,11 @@ def lower_thread_priority(nice: int) -> None:
     On Linux the nice value belongs to the thread, not the process: the threads that run
     ONNX Runtime get a lower priority than the event loop, which then takes the core
     whenever it has work (admission decisions, 503s, responses) instead of sharing it in
-    time slices with a batch that runs for milliseconds. A no-op for 0 and where the
-    platform has no ``os.setpriority``; an error is ignored (the thread keeps its priority).
+    time slices with a batch that runs for milliseconds. A no-op for 0 and off Linux (where
+    the nice value belongs to the whole process); an error is ignored (the thread keeps its
+    priority).
     """
-    if nice <= 0 or not hasattr(os, "setpriority"):
+    if nice <= 0 or not sys.platform.startswith("linux"):
         return
     try:
         os.setpriority(os.PRIO_PROCESS, 0, os.getpriority(os.PRIO_PROCESS, 0) + nice)

@@ -90,6 +90,9 @@ def test_missing_fields_and_unknown_categories_score(s1: Server) -> None:
 # -- status codes ---------------------------------------------------------------------------------
 BAD_REQUESTS: list[tuple[str, bytes, str]] = [
     ("not json", b"{user: 1", "body"),
+    ("not an object", b"[1]", "body"),
+    ("timeout too large", b'{"user": {}, "candidates": [{}], "timeout_ms": 1' + b"0" * 400 + b"}",
+     "timeout_ms"),
     ("empty body", b"", "body"),
     ("not utf-8", b'{"user": {"user_cat0": "\xff"}, "candidates": [{}]}', "body"),
     ("nested too deeply", b'{"user": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "body"),
@@ -283,3 +286,14 @@ def test_disconnected_client_is_never_computed(s2: Server, models: Models) -> No
     assert metric(after, "mldcn_batch_size_rows_sum", **v) == metric(
         before, "mldcn_batch_size_rows_sum", **v)
     assert s2.request("GET", "/v2/health/ready")[0] == 200
+    # gone halfway through its body: counted as client-closed (499), never as a 5xx
+    with socket.create_connection((s2.host, s2.port)) as sock:
+        sock.sendall(b"POST /v1/score HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                     b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n"
+                     + body[: len(body) // 2])
+        time.sleep(0.05)
+    time.sleep(0.3)
+    later = s2.metrics()
+    codes = {labels: later[(name, labels)] - after.get((name, labels), 0.0)
+             for name, labels in later if name == "mldcn_requests_total"}
+    assert {dict(k)["code"] for k, v in codes.items() if v} == {"499"}, codes

@@ -406,11 +406,20 @@ def test_ab_split_end_to_end(ops: Server, models: Models) -> None:
     assert status == 200 and out["arm"] is None and out["model"] == "mlp"
     status, out = ops.score(body)  # no user id: the default model, not split
     assert status == 200 and out["arm"] is None and out["model"] == "mldcn"
+    # a request its arm cannot score in time (4096 candidates of mldcn, ~40 ms, in 10 ms) is
+    # rejected at the edge, before validation: still counted under its arm
+    uid = next(u for u in (f"v{i}" for i in range(100)) if assign(u, arms) == "mldcn")
+    big = {**request_for(models.runs["mlp"], 2, [i % 8 for i in range(4096)]), "user_id": uid,
+           "timeout_ms": 10}
+    status, out = ops.score(big)
+    assert status == 503 and out["error"] == "predicted_deadline_miss", out
     after = ops.metrics()
     moved = sum(metric(after, "mldcn_arm_requests_total", arm=a, code="200")
                 - metric(before, "mldcn_arm_requests_total", arm=a, code="200")
                 for a in ("mldcn", "mlp"))
     assert moved == 70
+    assert (metric(after, "mldcn_arm_requests_total", arm="mldcn", code="503")
+            - metric(before, "mldcn_arm_requests_total", arm="mldcn", code="503")) == 1
 
 
 def test_shadow_never_changes_responses_nor_their_budget(ops: Server, plain: Server,
