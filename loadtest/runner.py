@@ -212,18 +212,18 @@ def server_step_stats(before: promscrape.Samples, after: promscrape.Samples, mod
         v = promscrape.histogram_quantile(q, ok)
         return None if v is None else v * 1e3
 
-    codes: dict[str, float] = {}
-    for (name, labels), _ in after.items():
-        d = dict(labels)
-        if name == "mldcn_requests_total" and d.get("model") == model:
-            codes[d["code"]] = promscrape.counter_delta(before, after, name, model=model,
-                                                        code=d["code"])
-    rejected: dict[str, float] = {}
-    for (name, labels), _ in after.items():
-        d = dict(labels)
-        if name == "mldcn_rejected_requests_total" and d.get("model") == model:
-            rejected[d["reason"]] = promscrape.counter_delta(before, after, name, model=model,
-                                                             reason=d["reason"])
+    def deltas(name: str, by: str) -> dict[str, float]:
+        """{value of label ``by``: counter delta} of ``name``'s series for this model."""
+        out: dict[str, float] = {}
+        for (n, labels), _ in after.items():
+            d = dict(labels)
+            if n == name and d.get("model") == model:
+                out[d[by]] = promscrape.counter_delta(before, after, name, model=model,
+                                                      **{by: d[by]})
+        return out
+
+    codes = deltas("mldcn_requests_total", "code")
+    rejected = deltas("mldcn_rejected_requests_total", "reason")
     batches, rows = promscrape.histogram_count_sum(before, after, "mldcn_batch_size_rows",
                                                    model=model)
     n_compute, compute_s = promscrape.histogram_count_sum(

@@ -39,8 +39,8 @@ from typing import Any
 import numpy as np
 
 from model.config import ARCHS
-from model.flops import model_flops, resolved_token_dim
-from model.presets import LEVELS, flops_mismatch, key_hyperparameters, preset, reference_config
+from model.flops import resolved_token_dim
+from model.presets import LEVELS, preset, preset_table
 
 REFERENCE_ARCH = "dcnv2"
 Log = Callable[[str], None]
@@ -435,26 +435,23 @@ def render_markdown(report: dict[str, Any]) -> str:
 
 def preset_rows(cards: list[int], num_dense: int, archs: Sequence[str], levels: Sequence[str]
                 ) -> list[dict[str, Any]]:
+    """:func:`~model.presets.preset_table`'s rows as the report shows them: shared and key
+    hyper-parameters as text (RankMixer's token width resolved), FLOPs, params, mismatch."""
     rows = []
-    for level in levels:
-        reference = reference_config(level)
-        for arch in archs:
-            cfg = preset(arch, level, cards, num_dense)
-            report = model_flops(cfg, cards, num_dense)
-            key = key_hyperparameters(cfg)
-            if arch == "rankmixer":
-                key["token_dim"] = resolved_token_dim(cfg, len(cards), num_dense)
-            rows.append({
-                "level": level,
-                "arch": arch,
-                "shared": f"e={cfg.embed_dim}, L={cfg.num_layers}, {cfg.structure}, "
-                          f"MLP {'-'.join(map(str, cfg.mlp_dims)) or 'none'}, "
-                          f"dropout {cfg.dropout}",
-                "key": ", ".join(f"{k}={v}" for k, v in key.items()),
-                "total_flops": report.total,
-                "params": report.params,
-                "mismatch": flops_mismatch(cfg, reference, cards, num_dense),
-            })
+    for r in preset_table(cards, num_dense, levels=levels, archs=archs):
+        cfg = preset(r["arch"], r["level"], cards, num_dense)
+        key = dict(r["key"])
+        if r["arch"] == "rankmixer":
+            key["token_dim"] = resolved_token_dim(cfg, len(cards), num_dense)
+        rows.append({
+            "level": r["level"],
+            "arch": r["arch"],
+            "shared": f"e={cfg.embed_dim}, L={cfg.num_layers}, {cfg.structure}, "
+                      f"MLP {'-'.join(map(str, cfg.mlp_dims)) or 'none'}, "
+                      f"dropout {cfg.dropout}",
+            "key": ", ".join(f"{k}={v}" for k, v in key.items()),
+            **{k: r[k] for k in ("total_flops", "params", "mismatch")},
+        })
     return rows
 
 

@@ -105,6 +105,20 @@ def check_layout(cardinalities: Sequence[int], num_dense: int) -> list[int]:
     return cards
 
 
+def check_token_layout(cfg: ModelConfig, d: int, num_fields: int | None,
+                       num_dense: int | None) -> None:
+    """The layout check of the token-based archs (WuKong, RankMixer): they read x0 of width
+    ``d`` as F_cat (``num_fields``) embeddings of width e plus F_num (``num_dense``) dense
+    features, so both must be given and d = F_cat·e + F_num; ValueError otherwise."""
+    if num_fields is None or num_dense is None:
+        raise ValueError(f"arch {cfg.arch!r} needs num_fields and num_dense")
+    if num_fields * cfg.embed_dim + num_dense != d:
+        raise ValueError(
+            f"in_features ({d}) must equal num_fields·embed_dim + num_dense "
+            f"({num_fields}·{cfg.embed_dim} + {num_dense})"
+        )
+
+
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from model.config import ModelConfig, check_layout
+from model.config import ModelConfig, check_layout, check_token_layout
 from model.modules import (
     MLP,
     CrossNet,
@@ -108,13 +108,8 @@ def build_interaction(
     """
     d, num_layers = in_features, cfg.num_layers
     if cfg.arch in ("wukong", "rankmixer"):
-        if num_fields is None or num_dense is None:
-            raise ValueError(f"arch {cfg.arch!r} needs num_fields and num_dense")
-        if num_fields * cfg.embed_dim + num_dense != d:
-            raise ValueError(
-                f"in_features ({d}) must equal num_fields·embed_dim + num_dense "
-                f"({num_fields}·{cfg.embed_dim} + {num_dense})"
-            )
+        check_token_layout(cfg, d, num_fields, num_dense)
+        assert num_fields is not None and num_dense is not None
         if cfg.arch == "wukong":
             return WuKong(num_fields, cfg.embed_dim, num_dense, num_layers, cfg.fm_rank,
                           cfg.fmb_hidden)

@@ -45,7 +45,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from model.config import ModelConfig, check_layout, reduction_width
+from model.config import ModelConfig, check_layout, check_token_layout, reduction_width
 
 
 @dataclass(frozen=True)
@@ -294,16 +294,6 @@ def rankmixer_cost(
     return tokens + layer.times(num_layers) + elementwise_cost(t * d)  # mean over T tokens
 
 
-def _layout(cfg: ModelConfig, d: int, num_fields: int | None, num_dense: int | None) -> None:
-    if num_fields is None or num_dense is None:
-        raise ValueError(f"arch {cfg.arch!r} needs num_fields and num_dense")
-    if num_fields * cfg.embed_dim + num_dense != d:
-        raise ValueError(
-            f"d ({d}) must equal num_fields·embed_dim + num_dense "
-            f"({num_fields}·{cfg.embed_dim} + {num_dense})"
-        )
-
-
 def interaction_output_dim(
     cfg: ModelConfig, d: int, num_fields: int | None = None, num_dense: int | None = None
 ) -> int:
@@ -312,7 +302,7 @@ def interaction_output_dim(
     WuKong and RankMixer also need the layout (``num_fields`` = F_cat, ``num_dense`` = F_num).
     """
     if cfg.arch in ("wukong", "rankmixer"):
-        _layout(cfg, d, num_fields, num_dense)
+        check_token_layout(cfg, d, num_fields, num_dense)
         assert num_fields is not None and num_dense is not None
         if cfg.arch == "wukong":
             return _num_tokens(num_fields, num_dense) * cfg.embed_dim
@@ -331,7 +321,7 @@ def interaction_cost(
     """
     num_layers = cfg.num_layers
     if cfg.arch in ("wukong", "rankmixer"):
-        _layout(cfg, d, num_fields, num_dense)
+        check_token_layout(cfg, d, num_fields, num_dense)
         assert num_fields is not None and num_dense is not None
         if cfg.arch == "wukong":
             return wukong_cost(num_fields, cfg.embed_dim, num_dense, num_layers, cfg.fm_rank,

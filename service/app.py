@@ -125,6 +125,31 @@ def validation_details(errors: list[dict[str, Any]]) -> list[ErrorDetail]:
     return out
 
 
+async def _read_body(receive: Any, limit: float = math.inf) -> tuple[bytes, int]:
+    """(body, bytes received) from the ASGI ``receive``; stops early, with a partial body,
+    once more than ``limit`` bytes came. ClientDisconnected if the client goes away."""
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            raise ClientDisconnected  # never computed
+        chunks.append(message.get("body", b""))
+        size += len(chunks[-1])
+        if size > limit or not message.get("more_body", False):
+            return b"".join(chunks), size
+
+
+def _replay(body: bytes, receive: Any) -> Any:
+    """A ``receive`` that hands the app ``body`` (already read) first, then the real one
+    (for the disconnect)."""
+    replay = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def replay_receive() -> Message:
+        return replay.pop() if replay else await receive()
+
+    return replay_receive
+
+
 class EdgeMiddleware:
     """Arrival time, body-size limit (413) and request metrics, as plain ASGI."""
 
@@ -214,15 +239,7 @@ class EdgeMiddleware:
         (:func:`peek_admission`): under overload most requests are rejected, and here a
         rejection costs the JSON parse and little else. The parsed body goes on to the route
         (``state["json_body"]``). Returns ``receive`` to pass on, or None when answered."""
-        chunks = []
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                raise ClientDisconnected  # never computed
-            chunks.append(message.get("body", b""))
-            if not message.get("more_body", False):
-                break
-        body = b"".join(chunks)
+        body, _ = await _read_body(receive)
         try:
             raw = json.loads(body)
         except (ValueError, RecursionError):
@@ -240,12 +257,7 @@ class EdgeMiddleware:
                                  headers=error.headers)(scope, receive, send)
                 return None
         state["json_body"] = raw
-        replay = [{"type": "http.request", "body": body, "more_body": False}]
-
-        async def replay_receive() -> Message:
-            return replay.pop() if replay else await receive()
-
-        return replay_receive
+        return _replay(body, receive)
 
     async def _limit_body(self, scope: Scope, receive: Any, send: Any) -> Any:
         """``receive`` to pass on, or None when an error was answered already."""
@@ -265,24 +277,11 @@ class EdgeMiddleware:
             return receive  # the HTTP server stops reading at Content-Length
         if scope.get("method") not in ("POST", "PUT", "PATCH"):
             return receive
-        chunks, size = [], 0  # chunked upload: read it here, within the limit
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                raise ClientDisconnected
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if size > limit:
-                await self._too_large(scope, receive, send, size)
-                return None
-            if not message.get("more_body", False):
-                break
-        replay = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
-
-        async def replay_receive() -> Message:
-            return replay.pop() if replay else await receive()
-
-        return replay_receive
+        body, size = await _read_body(receive, limit)  # chunked upload: read it here
+        if size > limit:
+            await self._too_large(scope, receive, send, size)
+            return None
+        return _replay(body, receive)
 
     async def _too_large(self, scope: Scope, receive: Any, send: Any, size: int) -> None:
         await error_body(413, "body_too_large",
