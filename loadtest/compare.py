@@ -17,12 +17,29 @@ SLO-bounded throughput, and the ratio B/A of client p99 at the reference load (t
 where A met the SLO in every repeat; the lowest step if none). Each ratio is summarised by its
 median and its spread (min, max) over the repeats, and :func:`verdict` reads them.
 
+Those ratios measure the models only when the models dominate the server's time. Each step
+records the *compute share*: ONNX Runtime seconds (Δ ``mldcn_compute_duration_seconds_sum``,
+wall time per batch around the ONNX Runtime call) / server CPU seconds
+(Δ ``process_cpu_seconds_total``, summed over worker processes), clipped to [0, 1], None where
+the server does not export the CPU metric; and the server's CPU milliseconds outside ONNX
+Runtime per answered request (:mod:`loadtest.runner` says when the share is ONNX Runtime's
+share of the CPU). Each model's summary carries its share at the reference load (median and
+range over the repeats; in a comparison the baseline's reference load for both). When either
+model's median share there is below 0.5 (:data:`FRONT_END_SHARE`), the verdict is
+``front-end-bound``: the ratios then compare the servers' front ends (HTTP, JSON, encoding),
+not the models; they are still reported, with the verdict they alone would give
+(``ratio_verdict``).
+
 Example:
     >>> verdict([1.0, 1.0], [1.02, 0.97])
     'neutral'
     >>> verdict([0.5, 0.5], [1.6, 1.8])
     'more expensive'
     >>> verdict([1.5, 1.5], [0.7, 0.8])
+    'cheaper'
+    >>> verdict([1.5, 1.5], [0.7, 0.8], compute_shares=[0.3, 0.8])
+    'front-end-bound'
+    >>> verdict([1.5, 1.5], [0.7, 0.8], compute_shares=[0.8, None])
     'cheaper'
 """
 
@@ -44,6 +61,8 @@ from loadtest.sampling import CandidateCounts, RequestSampler, write_pool
 from loadtest.shapes import ArrivalSchedule, bursts, constant
 
 NEUTRAL_TOLERANCE = 0.05  # ratios within ±5% read as "the same cost"
+FRONT_END_SHARE = 0.5  # below this ONNX Runtime share of server CPU, the ratios compare front ends
+FRONT_END_BOUND = "front-end-bound"
 SHAPES = ("constant", "bursts")
 
 
@@ -168,18 +187,38 @@ def _neutral(ratios: Sequence[float | None], tol: float) -> bool | None:
     return abs(s["median"] - 1) <= tol or s["min"] <= 1 <= s["max"]
 
 
+def front_end_bound(compute_shares: Sequence[float | None],
+                    threshold: float = FRONT_END_SHARE) -> bool | None:
+    """True when a model's compute share is below ``threshold``; None when that is unknown.
+
+    ``compute_shares`` holds one share per model (its median over the repeats at the
+    reference load). False only when every share is known and at least ``threshold``.
+    """
+    if any(x is not None and x < threshold for x in compute_shares):
+        return True
+    if any(x is None for x in compute_shares):
+        return None
+    return False
+
+
 def verdict(throughput_ratios: Sequence[float | None], p99_ratios: Sequence[float | None],
-            tol: float = NEUTRAL_TOLERANCE) -> str:
-    """``neutral``, ``cheaper``, ``more expensive`` or ``inconclusive`` for the candidate.
+            tol: float = NEUTRAL_TOLERANCE,
+            compute_shares: Sequence[float | None] = ()) -> str:
+    """``neutral``, ``cheaper``, ``more expensive``, ``front-end-bound`` or ``inconclusive``.
 
     Neutral when both ratios are neutral (median within ±tol, or the spread over the repeats
     covers 1); a ratio defined in fewer than half of the repeats does not count. Otherwise
     the SLO-bounded throughput ratio decides (higher is cheaper), or the p99 ratio when the
-    throughput ratio is neutral or undefined (lower is cheaper).
+    throughput ratio is neutral or undefined (lower is cheaper). Any of these but
+    ``inconclusive`` becomes ``front-end-bound`` when a model's compute share at the
+    reference load (``compute_shares``, one per model) is below :data:`FRONT_END_SHARE`; an
+    unknown share (None) does not change the verdict.
     """
     thr, lat = _neutral(throughput_ratios, tol), _neutral(p99_ratios, tol)
     if thr is None and lat is None:
         return "inconclusive"
+    if front_end_bound(compute_shares):
+        return FRONT_END_BOUND
     if thr in (True, None) and lat in (True, None):
         return "neutral"
     if thr is False:
@@ -197,9 +236,32 @@ def compute_per_krow(step: dict[str, Any]) -> float | None:
     return sv["mean_compute_ms"] / sv["mean_batch_rows"] * 1e3
 
 
-def model_summary(runs: list[dict[str, Any]], slo_ms: float) -> dict[str, Any]:
-    """Per-step medians over the repeats of one model, and its SLO-bounded throughput."""
+def reference_step(runs: list[dict[str, Any]], slo_ms: float) -> tuple[int, bool]:
+    """(index, met): the highest step that met the SLO in every repeat, else (0, False)."""
     n_steps = len(runs[0]["steps"])
+    met_all = [i for i in range(n_steps)
+               if all(step_meets_slo(r["steps"][i], slo_ms) for r in runs)]
+    return (max(met_all), True) if met_all else (0, False)
+
+
+def step_share(step: dict[str, Any]) -> float | None:
+    """A step's compute share (None in a report from before it was recorded)."""
+    return (step.get("server") or {}).get("compute_share")
+
+
+def share_at(runs: list[dict[str, Any]], ref: int) -> dict[str, Any]:
+    """The compute share at step ``ref`` over the repeats (:func:`spread`)."""
+    return spread([step_share(r["steps"][ref]) for r in runs])
+
+
+def model_summary(runs: list[dict[str, Any]], slo_ms: float,
+                  ref: int | None = None) -> dict[str, Any]:
+    """Per-step medians over the repeats of one model, its SLO-bounded throughput, and its
+    compute share at the reference load: step ``ref`` (in a comparison, the baseline's), by
+    default the model's own (:func:`reference_step`)."""
+    n_steps = len(runs[0]["steps"])
+    if ref is None:
+        ref = reference_step(runs, slo_ms)[0]
     steps = []
     for i in range(n_steps):
         per = [r["steps"][i] for r in runs]
@@ -218,7 +280,8 @@ def model_summary(runs: list[dict[str, Any]], slo_ms: float) -> dict[str, Any]:
                 "unserved_share", "max_lag_ms")},
             "server": {**{k: med("server", k) for k in (
                 "p50_ms", "p95_ms", "p99_ms", "scored_rows_per_s", "mean_batch_rows",
-                "mean_compute_ms", "mean_queue_ms", "compute_busy_share")},
+                "mean_compute_ms", "mean_queue_ms", "compute_busy_share", "compute_share",
+                "outside_ort_ms_per_request")},
                 "compute_ms_per_1k_rows": spread([compute_per_krow(s) for s in per])["median"]},
             "outcomes": outcomes,
             "meets_slo": [step_meets_slo(s, slo_ms) for s in per],
@@ -226,18 +289,22 @@ def model_summary(runs: list[dict[str, Any]], slo_ms: float) -> dict[str, Any]:
         })
     bounded = [slo_bounded(r["steps"], slo_ms) for r in runs]
     return {"steps": steps, "slo_bounded_rps": spread([b["rps"] for b in bounded]),
-            "slo_bounded_rows_per_s": spread([b["rows_per_s"] for b in bounded])}
+            "slo_bounded_rows_per_s": spread([b["rows_per_s"] for b in bounded]),
+            "reference_rps": runs[0]["steps"][ref]["offered_rps"],
+            "compute_share_at_reference": share_at(runs, ref),
+            "outside_ort_ms_per_request_at_reference": spread([
+                (r["steps"][ref].get("server") or {}).get("outside_ort_ms_per_request")
+                for r in runs])}
 
 
 def comparison(base: list[dict[str, Any]], cand: list[dict[str, Any]],
                slo_ms: float) -> dict[str, Any]:
-    """Ratios candidate/baseline per repeat, their spreads, and the verdict."""
+    """Ratios candidate/baseline per repeat, their spreads, both models' compute shares at
+    the reference load, and the verdict (``ratio_verdict``: the ratios' alone)."""
     thr = [_ratio(slo_bounded(b["steps"], slo_ms)["rps"], slo_bounded(a["steps"], slo_ms)["rps"])
            for a, b in zip(base, cand, strict=True)]
     n_steps = len(base[0]["steps"])
-    met_all = [i for i in range(n_steps)
-               if all(step_meets_slo(r["steps"][i], slo_ms) for r in base)]
-    ref = max(met_all) if met_all else 0
+    ref, met = reference_step(base, slo_ms)
     p99 = [_ratio(b["steps"][ref]["client"]["p99_ms"], a["steps"][ref]["client"]["p99_ms"])
            for a, b in zip(base, cand, strict=True)]
     per_step = [spread([_ratio(b["steps"][i]["client"]["p99_ms"],
@@ -247,15 +314,21 @@ def comparison(base: list[dict[str, Any]], cand: list[dict[str, Any]],
     compute = [spread([_ratio(compute_per_krow(sb), compute_per_krow(sa))
                        for sa, sb in zip(a["steps"], b["steps"], strict=True)])["median"]
                for a, b in zip(base, cand, strict=True)]
+    shares = {"baseline": share_at(base, ref), "candidate": share_at(cand, ref)}
+    medians = [shares["baseline"]["median"], shares["candidate"]["median"]]
     return {
         "slo_bounded_throughput_ratio": spread(thr),
         "reference_rps": base[0]["steps"][ref]["offered_rps"],
-        "reference_met_slo": bool(met_all),
+        "reference_met_slo": met,
         "p99_ratio_at_reference": spread(p99),
         "p99_ratio_by_step": per_step,
         "compute_per_row_ratio": spread(compute),
         "tolerance": NEUTRAL_TOLERANCE,
-        "verdict": verdict(thr, p99),
+        "compute_share_at_reference": shares,
+        "front_end_share_threshold": FRONT_END_SHARE,
+        "front_end_bound": front_end_bound(medians),
+        "ratio_verdict": verdict(thr, p99),
+        "verdict": verdict(thr, p99, compute_shares=medians),
     }
 
 
@@ -332,8 +405,10 @@ def run_compare(repo: Path, models: list[str], opts: LoadOptions, repeats: int, 
 def rebuild(report: dict[str, Any]) -> dict[str, Any]:
     """(Re)compute the per-model summaries and the comparison from the report's raw runs."""
     slo_ms = report["options"]["slo_ms"]
+    ref = (reference_step(report["runs"][report["baseline"]], slo_ms)[0]
+           if report["kind"] == "compare" else None)
     for m, runs in report["runs"].items():
-        report["models"][m].update(model_summary(runs, slo_ms))
+        report["models"][m].update(model_summary(runs, slo_ms, ref))
     if report["kind"] == "compare":
         report["comparison"] = comparison(report["runs"][report["baseline"]],
                                           report["runs"][report["candidate"]], slo_ms)

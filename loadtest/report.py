@@ -1,5 +1,18 @@
 """Write a load-test report folder: ``report.json``, ``report.md``, ``latency.png``,
-``throughput.png`` (matplotlib, Agg backend; every model on the same axes)."""
+``throughput.png`` (matplotlib, Agg backend; every model on the same axes).
+
+The step tables show, per step, the *ORT share* (ONNX Runtime seconds / server CPU seconds,
+clipped to [0, 1]) and the server's CPU milliseconds *outside ORT* per answered request
+(definitions in :mod:`loadtest.runner`); the verdict line says when the ratios compare front
+ends (``front-end-bound``, :mod:`loadtest.compare`). A ``report.json`` written before these
+fields existed still renders, with "n/a" in their place.
+
+Example:
+    >>> _share({"median": 0.3, "min": 0.25, "max": 0.34, "values": [0.3, 0.25, 0.34]})
+    '30% (range 25–34%)'
+    >>> _share(None), _pct(None), _pct(0.456)
+    ('n/a', 'n/a', '46%')
+"""
 
 from __future__ import annotations
 
@@ -31,6 +44,26 @@ def _spread(s: dict[str, Any], digits: int = 2) -> str:
     return f"{_f(s['median'], digits)} (range {_f(s['min'], digits)}–{_f(s['max'], digits)})"
 
 
+def _pct(v: float | None) -> str:
+    """A share as a whole percentage, "n/a" when unknown."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "n/a"
+    return f"{100 * v:.0f}%"
+
+
+def _na(v: float | None, digits: int = 2) -> str:
+    return "n/a" if v is None else _f(v, digits)
+
+
+def _share(s: dict[str, Any] | None) -> str:
+    """A compute-share spread as "30% (range 25–34%)", "n/a" when unknown."""
+    if not s or s.get("median") is None:
+        return "n/a"
+    if len([v for v in s["values"] if v is not None]) == 1:
+        return _pct(s["median"])
+    return f"{_pct(s['median'])} (range {_pct(s['min'])[:-1]}–{_pct(s['max'])})"
+
+
 def machine_note(env: dict[str, Any]) -> str | None:
     """A sentence saying the machine was shared, when its load average says so."""
     cores = env.get("cpu_count") or 1
@@ -58,6 +91,31 @@ def write_report(report: dict[str, Any], out: Path) -> None:
     (out / "report.md").write_text(markdown(report))
 
 
+def _share_sentence(report: dict[str, Any]) -> str:
+    """What the compute shares at the reference load say about the ratios."""
+    c = report["comparison"]
+    a, b = report["baseline"], report["candidate"]
+    shares = c.get("compute_share_at_reference") or {}
+    limit = _pct(c.get("front_end_share_threshold", 0.5))
+    at = (f"at {c['reference_rps']:g} req/s: {a} {_share(shares.get('baseline'))}, "
+          f"{b} {_share(shares.get('candidate'))}")
+    bound = c.get("front_end_bound")
+    if bound:
+        return (f"ONNX Runtime took under {limit} of the server's CPU for at least one model "
+                f"({at}), so these ratios compare the servers' front ends (HTTP, JSON, "
+                "encoding), not the models; read alone they would say "
+                f"\"{c.get('ratio_verdict', '?')}\".")
+    if bound is False:
+        return (f"ONNX Runtime's share of the server's CPU {at} (at least {limit} for both: "
+                "the ratios measure the models).")
+    missing = [m for m, k in ((a, "baseline"), (b, "candidate"))
+               if (shares.get(k) or {}).get("median") is None]
+    return (f"ONNX Runtime's share of the server's CPU {at} (not measured for "
+            f"{' and '.join(missing) or 'a model'}: the server exported no "
+            "`process_cpu_seconds_total`, or the report predates the share), so this verdict "
+            "cannot tell the models' cost from the front end's.")
+
+
 def _verdict_line(report: dict[str, Any]) -> str:
     c = report["comparison"]
     a, b = report["baseline"], report["candidate"]
@@ -70,9 +128,9 @@ def _verdict_line(report: dict[str, Any]) -> str:
             f"{_spread(p99)} (over {report['repeats']} repeat"
             f"{'s' if report['repeats'] > 1 else ''}; neutral when both are within "
             f"±{100 * c['tolerance']:.0f}% or their range covers 1; a ratio defined in fewer "
-            "than half of the repeats does not count). Model compute alone (ONNX Runtime "
-            "time per scored row, from the compute histogram; not part of the verdict): "
-            f"ratio {_spread(c['compute_per_row_ratio'])}.")
+            f"than half of the repeats does not count). {_share_sentence(report)} Model "
+            "compute alone (ONNX Runtime time per scored row, from the compute histogram; not "
+            f"part of the verdict): ratio {_spread(c['compute_per_row_ratio'])}.")
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -98,14 +156,17 @@ def markdown(report: dict[str, Any]) -> str:
         lines += [f"> **Note:** {note}", ""]
     lines += ["## Models", "",
               "| model | arch | FLOPs/example | params | valid AUC | SLO-bounded throughput "
-              "(req/s) | rows/s at that load |",
-              "|---|---|---:|---:|---:|---:|---:|"]
+              "(req/s) | rows/s at that load | ORT share at the reference load |",
+              "|---|---|---:|---:|---:|---:|---:|---|"]
     for m in names:
         d = report["models"][m]
+        ref = d.get("reference_rps")
         lines.append(f"| {m} | {d.get('arch')} | {_f(d.get('flops_per_example'), 0)} | "
                      f"{_f(d.get('params'), 0)} | {_f(d.get('valid_auc'), 4)} | "
                      f"{_spread(d['slo_bounded_rps'], 1)} | "
-                     f"{_spread(d['slo_bounded_rows_per_s'], 0)} |")
+                     f"{_spread(d['slo_bounded_rows_per_s'], 0)} | "
+                     f"{_share(d.get('compute_share_at_reference'))}"
+                     f"{f' at {ref:g} req/s' if ref is not None else ''} |")
     pool = report["models"][names[0]]["pool"]
     same = len({report["models"][m]["pool"]["sha256"] for m in names}) == 1
     lines += ["", f"Requests: {pool['requests']} distinct bodies drawn from each model's "
@@ -118,9 +179,9 @@ def markdown(report: dict[str, Any]) -> str:
     for m in names:
         lines += [f"## {m}: per load step (median over repeats)", "",
                   "| offered req/s | served req/s | served rows/s | client p50 / p95 / p99 ms "
-                  "| server p50 / p95 / p99 ms | compute ms / 1k rows | not served "
-                  "| outcomes (all repeats) | meets SLO |",
-                  "|---:|---:|---:|---|---|---:|---:|---|---|"]
+                  "| server p50 / p95 / p99 ms | compute ms / 1k rows | ORT share "
+                  "| outside ORT ms / request | not served | outcomes (all repeats) | meets SLO |",
+                  "|---:|---:|---:|---|---|---:|---:|---:|---:|---|---|"]
         for s in report["models"][m]["steps"]:
             c, sv = s["client"], s["server"]
             outcomes = ", ".join(f"{k} {v}" for k, v in s["outcomes"].items())
@@ -130,6 +191,8 @@ def markdown(report: dict[str, Any]) -> str:
                 f"{_f(c['served_rows_per_s'], 0)} | {_f(c['p50_ms'])} / {_f(c['p95_ms'])} / "
                 f"{_f(c['p99_ms'])} | {_f(sv['p50_ms'])} / {_f(sv['p95_ms'])} / "
                 f"{_f(sv['p99_ms'])} | {_f(sv.get('compute_ms_per_1k_rows'), 2)} | "
+                f"{_pct(sv.get('compute_share'))} | "
+                f"{_na(sv.get('outside_ort_ms_per_request'))} | "
                 f"{_f(100 * (c['unserved_share'] or 0), 2)}% | "
                 f"{outcomes} | {meets} |")
         lines.append("")
@@ -167,6 +230,7 @@ def markdown(report: dict[str, Any]) -> str:
               f"{max(0, math.ceil(_lowest_step_requests(report) / 1000) - 1)} not served: the "
               "error criterion is strict, and a few budget answers from a passing hiccup "
               "fail a step.",
+              _share_method(report),
               ]
     if report["kind"] == "compare":
         lines += ["- Each model runs alone in a fresh `mldcn serve` (same flags, "
@@ -176,6 +240,42 @@ def markdown(report: dict[str, Any]) -> str:
                   "p99 ratio is read at the highest load where the baseline met the SLO in "
                   "every repeat."]
     return "\n".join(lines) + "\n"
+
+
+def _share_method(report: dict[str, Any]) -> str:
+    """The method bullet for the ORT share and the time outside ONNX Runtime."""
+    n = len(report["environment"].get("server_cores") or [])
+    if report["kind"] != "compare":
+        cores = ("This tool did not start the server: the share is ONNX Runtime's part of its "
+                 "CPU only if it ran one intra-op thread on one core and served this model "
+                 "alone.")
+    elif n == 1:
+        cores = ("Here the server had one core and one intra-op thread, whose wall time can "
+                 "only exceed its CPU time (the event loop pre-empts it): the share is an upper "
+                 "bound, and a share under 50% is conclusive.")
+    elif n > 1:
+        cores = (f"Here the server had {n} cores: a batch can take up to {n} CPU seconds per "
+                 f"wall second, so the share can understate ONNX Runtime's part up to "
+                 f"{n}-fold.")
+    else:
+        cores = "The server was not pinned to cores here: read the share with care."
+    text = ("- Where the server's time goes: per step, the server's CPU seconds are the "
+            "increase of `process_cpu_seconds_total` between the scrapes (summed over worker "
+            "processes) and ONNX Runtime's seconds the increase of "
+            "`mldcn_compute_duration_seconds_sum` for the model (wall time per batch, measured "
+            "around the ONNX Runtime call). *ORT share* = ONNX Runtime seconds / CPU seconds, "
+            "clipped to [0, 1]; *outside ORT ms / request* = (CPU seconds − ONNX Runtime "
+            "seconds) / requests answered (all codes), clipped at 0; n/a where the server "
+            "exported no process CPU time (or the report predates these columns). As ONNX "
+            "Runtime's time is wall time, the share is its part of the server's CPU only when "
+            "a batch's wall time is the CPU time it costs; the load test pins the server to "
+            "its cores and passes `--intra-op-threads` = their count (one intra-op thread per "
+            f"server core). {cores}")
+    if report["kind"] == "compare":
+        text += (" The verdict is *front-end-bound* when either model's median ORT share at "
+                 "the reference load is below 50%: the ratios then compare the front ends "
+                 "(HTTP, JSON, encoding), not the models, and are reported for what they are.")
+    return text
 
 
 def _lowest_step_requests(report: dict[str, Any]) -> int:

@@ -5,6 +5,24 @@ in a ``finally``; every wait is bounded. Where the machine has two or more cores
 the load generator are pinned to disjoint cores (:func:`split_cores`) so that Locust's own CPU
 does not steal from the model being measured.
 
+Where the server's time goes (:func:`server_step_stats`): per step, the *server CPU seconds*
+are the increase of ``process_cpu_seconds_total`` (the standard Prometheus process metric,
+summed over its series: with several worker processes, the sum over the workers; None when the
+server does not export it) and the *ONNX Runtime seconds* are the increase of
+``mldcn_compute_duration_seconds_sum`` over the model's series (wall time per batch, measured
+around the ONNX Runtime call). The *compute share* is ORT seconds / CPU seconds, clipped to
+[0, 1] (:func:`compute_share`); the server's own time outside ONNX Runtime per request is
+(CPU seconds - ORT seconds) / requests answered (all codes), clipped at 0
+(:func:`outside_ort_ms_per_request`). ORT seconds are wall time, so the share is ONNX
+Runtime's share of the server's CPU only when a batch's wall time is the CPU time it costs.
+:func:`serve` pins the server to its cores and passes ``--intra-op-threads`` = their count
+(one intra-op thread per server core). On one server core (the two-core split) that is one
+thread, whose wall time can only exceed its CPU time (the event loop pre-empts it): the share
+is then an upper bound, and a share below 0.5 is conclusive. With k > 1 server cores a batch
+can take up to k CPU seconds per wall second, and the share can understate ONNX Runtime's part
+up to k-fold. The CPU seconds are the whole server's: the share is the model's when the server
+serves that model alone (as ``compare`` runs it).
+
 Example:
     >>> split_cores({0, 1})
     ([0], [1])
@@ -12,6 +30,10 @@ Example:
     ([0, 1, 2], [3])
     >>> split_cores({5})
     ([5], [5])
+    >>> compute_share(ort_s=1.5, cpu_s=5.0), compute_share(2.0, 1.8), compute_share(1.0, None)
+    (0.3, 1.0, None)
+    >>> outside_ort_ms_per_request(cpu_s=5.0, ort_s=1.5, requests=1000)
+    3.5
 """
 
 from __future__ import annotations
@@ -40,6 +62,7 @@ LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SERVER_START_TIMEOUT_S = 90.0
 LOCUST_EXTRA_S = 60.0  # start-up and drain allowance on top of a step's schedule
+PROCESS_CPU = "process_cpu_seconds_total"
 
 
 class LoadTestError(RuntimeError):
@@ -202,9 +225,45 @@ def run_locust(url: str, pool_path: Path, schedule: ArrivalSchedule, out_prefix:
     return json.loads(results_path.read_text())
 
 
+def cpu_seconds_delta(before: promscrape.Samples, after: promscrape.Samples,
+                      name: str = PROCESS_CPU) -> float | None:
+    """Increase of the server's CPU seconds between two scrapes, summed over ``name``'s series.
+
+    None when either scrape lacks the metric or the sum went down (a restarted process).
+    """
+    def has(samples: promscrape.Samples) -> bool:
+        return any(n == name for n, _ in samples)
+
+    if not (has(before) and has(after)):
+        return None
+    d = promscrape.counter_delta(before, after, name)
+    return d if d >= 0 else None
+
+
+def compute_share(ort_s: float, cpu_s: float | None) -> float | None:
+    """ONNX Runtime seconds / server CPU seconds, clipped to [0, 1]; None without CPU time."""
+    if cpu_s is None or cpu_s <= 0:
+        return None
+    return min(1.0, max(0.0, ort_s / cpu_s))
+
+
+def outside_ort_ms_per_request(cpu_s: float | None, ort_s: float,
+                               requests: float) -> float | None:
+    """Server CPU milliseconds outside ONNX Runtime per answered request (clipped at 0)."""
+    if cpu_s is None or requests <= 0:
+        return None
+    return max(0.0, cpu_s - ort_s) / requests * 1e3
+
+
 def server_step_stats(before: promscrape.Samples, after: promscrape.Samples, model: str,
                       duration_s: float) -> dict[str, Any]:
-    """Server-side statistics of one step from the /metrics scrapes around it."""
+    """Server-side statistics of one step from the /metrics scrapes around it.
+
+    Besides latency percentiles and counts: ``server_cpu_s`` (Δ ``process_cpu_seconds_total``,
+    None when not exported), ``ort_s`` (Δ ``mldcn_compute_duration_seconds_sum``),
+    ``answered_requests`` (all codes), ``compute_share`` and ``outside_ort_ms_per_request``
+    (see the module docstring).
+    """
     ok = promscrape.histogram_delta(before, after, "mldcn_request_duration_seconds",
                                     model=model, code="200")
 
@@ -231,6 +290,8 @@ def server_step_stats(before: promscrape.Samples, after: promscrape.Samples, mod
     n_queue, queue_s = promscrape.histogram_count_sum(
         before, after, "mldcn_queue_duration_seconds", model=model)
     served = codes.get("200", 0.0)
+    answered = sum(codes.values())
+    cpu_s = cpu_seconds_delta(before, after)
     return {
         "p50_ms": q_ms(0.50), "p95_ms": q_ms(0.95), "p99_ms": q_ms(0.99),
         "requests_by_code": {k: int(v) for k, v in sorted(codes.items()) if v},
@@ -242,6 +303,11 @@ def server_step_stats(before: promscrape.Samples, after: promscrape.Samples, mod
         "mean_queue_ms": queue_s / n_queue * 1e3 if n_queue else None,
         "compute_busy_share": compute_s / duration_s if duration_s > 0 else None,
         "compute_ms_per_1k_rows": compute_s / rows * 1e6 if rows else None,
+        "answered_requests": int(answered),
+        "server_cpu_s": cpu_s,
+        "ort_s": compute_s,
+        "compute_share": compute_share(compute_s, cpu_s),
+        "outside_ort_ms_per_request": outside_ort_ms_per_request(cpu_s, compute_s, answered),
     }
 
 

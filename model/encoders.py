@@ -94,37 +94,104 @@ def stable_hash(field: str, value: str) -> int:
 
 
 class CategoricalEncoder:
-    """Maps one categorical field's values to ids in ``[0, cardinality)``; id 0 is OOV/missing."""
+    """Maps one categorical field's values to ids in ``[0, cardinality)``; id 0 is OOV/missing.
+
+    Lookups do not canonicalise value by value: a vocabulary's table also holds the ``int``
+    and ``float`` forms of the entries that are their canonical strings (``"3"`` is found by
+    ``3``, ``3.0`` and ``True``-for-``"1"`` alike, since Python's equal numbers hash alike),
+    and hash ids are memoised per raw value (:data:`HASH_MEMO_SIZE` entries), so that a
+    column of JSON scalars costs one dict lookup per value.
+    """
 
     def __init__(self, spec: FieldSpec, vocab: Sequence[str] | None = None) -> None:
         if spec.type != "categorical":
             raise SchemaError(f"field {spec.name!r} is not categorical")
         self.spec = spec
+        self._memo: dict[Any, int] = {}
         if spec.encoding == "vocab":
             self.vocab: list[str] = list(vocab or [])
             self._index = {v: i + 1 for i, v in enumerate(self.vocab)}
+            self._lookup: dict[Any, int] = {**_numeric_aliases(self._index), **self._index}
             self.cardinality = len(self.vocab) + 1
         else:
             self.vocab = []
             self._index = {}
+            self._lookup = self._memo
             assert spec.buckets is not None  # checked by FieldSpec
             self.cardinality = spec.buckets
 
+    def id_of(self, value: Any) -> int:
+        """The id of one raw value (str, int, float, bool or None)."""
+        found = self._lookup.get(value)
+        if found is not None:
+            return found
+        if self.spec.encoding == "vocab":
+            return 0 if _is_plain(value) else self._index.get(canonical_category(value), 0)
+        return self._hash_id(value)
+
+    def _hash_id(self, value: Any) -> int:
+        key = canonical_category(value)
+        out = 0 if key is None else 1 + stable_hash(self.spec.name, key) % (self.cardinality - 1)
+        if len(self._memo) >= HASH_MEMO_SIZE:
+            self._memo.clear()
+        if value.__class__ in _PLAIN_TYPES:
+            self._memo[value] = out
+        return out
+
     def transform(self, values: Sequence[Any] | np.ndarray) -> np.ndarray:
         """Ids for a column of raw values, int64 of shape (len(values),)."""
-        keys = _canonical_array(values)
-        if self.spec.encoding == "vocab":  # None (missing) and unseen values -> 0
-            return np.fromiter(map(self._index.get, keys, repeat(0)), dtype=np.int64,
-                               count=len(keys))
-        name, n = self.spec.name, self.cardinality - 1
-        return np.fromiter(
-            (0 if k is None else 1 + stable_hash(name, k) % n for k in keys),
-            dtype=np.int64,
-            count=len(keys),
-        )
+        seq = values.tolist() if isinstance(values, np.ndarray) else values
+        if set(map(type, seq)) <= _PLAIN_TYPES:
+            return self.lookup(seq)
+        return np.fromiter(map(self.id_of, seq), dtype=np.int64, count=len(seq))
+
+    def lookup(self, values: Sequence[Any]) -> np.ndarray:
+        """Ids for a column of JSON scalars (str, int, float, bool, None; the caller vouches
+        for the types): one dict lookup per value."""
+        n = len(values)
+        if self.spec.encoding == "vocab":  # missing and unseen values -> 0
+            return np.fromiter(map(self._lookup.get, values, repeat(0)), dtype=np.int64,
+                               count=n)
+        ids = list(map(self._memo.get, values))
+        if None in ids:
+            ids = [self._hash_id(v) if i is None else i for v, i in zip(values, ids, strict=True)]
+        return np.array(ids, dtype=np.int64)
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.spec.name, "cardinality": self.cardinality, "vocab": self.vocab}
+
+
+HASH_MEMO_SIZE = 1 << 16  # memoised hash ids per field (cleared when full)
+_PLAIN_TYPES = {str, int, float, bool, type(None)}
+
+
+def _is_plain(value: Any) -> bool:
+    """True for the JSON scalar types, whose canonical forms the lookup table holds."""
+    return value.__class__ in _PLAIN_TYPES
+
+
+def _numeric_aliases(index: Mapping[str, int]) -> dict[Any, int]:
+    """``{3: id, 2.5: id}`` for the vocabulary strings that are the canonical form of a
+    number (``str(int)`` for integers, ``repr(float)`` for other floats but NaN)."""
+    out: dict[Any, int] = {}
+    for v, i in index.items():
+        if not v or not (v[0].isdigit() or v[0] in "-i"):
+            continue
+        try:
+            as_int = int(v)
+        except ValueError:
+            pass
+        else:
+            if str(as_int) == v:
+                out[as_int] = i
+            continue
+        try:
+            as_float = float(v)
+        except ValueError:
+            continue
+        if as_float == as_float and not as_float.is_integer() and repr(as_float) == v:
+            out[as_float] = i
+    return out
 
 
 class NumericEncoder:
@@ -146,12 +213,9 @@ class NumericEncoder:
 
     def transform(self, values: Sequence[Any] | np.ndarray) -> np.ndarray:
         """Standardised values, float32 of shape (len(values),). NaN/None are missing."""
-        x = _as_float(values)
-        missing = np.isnan(x)
-        t = np.clip(self.apply_transform(self.spec.transform, np.where(missing, 0.0, x)),
-                    self.lo, self.hi)
-        t = np.where(missing, self.fill, t)
-        return ((t - self.mean) / self.std).astype(np.float32)
+        x = _as_float(values)[:, None]
+        return standardise(x, np.array([self.spec.transform == "log1p"]), self.lo, self.hi,
+                           self.mean, self.std, self.fill)[:, 0]
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -171,6 +235,19 @@ def _as_float(values: Sequence[Any] | np.ndarray) -> np.ndarray:
         return values.astype(np.float64)
     seq = values.tolist() if isinstance(values, np.ndarray) else values
     return np.array([np.nan if v is None or v == "" else v for v in seq], dtype=np.float64)
+
+
+def standardise(x: np.ndarray, log1p: np.ndarray, lo: Any, hi: Any, mean: Any, std: Any,
+                fill: Any) -> np.ndarray:
+    """Numeric fields' model inputs, float32: columns of ``x`` (float64, NaN = missing) get
+    ``sign(x)·log1p(|x|)`` where ``log1p`` is True, are clipped to [lo, hi], take ``fill``
+    where missing, and are standardised with ``mean`` and ``std`` (scalars or one value per
+    column). The one formula of every numeric encoding, one field or many at a time."""
+    missing = np.isnan(x)
+    x0 = np.where(missing, 0.0, x)
+    t = np.where(log1p, np.sign(x0) * np.log1p(np.abs(x0)), x0) if log1p.any() else x0
+    t = np.where(missing, fill, np.clip(t, lo, hi))
+    return ((t - mean) / std).astype(np.float32)
 
 
 class FeatureEncoders:

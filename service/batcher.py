@@ -206,6 +206,8 @@ class Batcher:
         self._running: dict[int, float] = {}  # batch id -> predicted end (monotonic)
         self._ids = itertools.count()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._inline_done = asyncio.Event()  # clear while a batch runs inside the loop task
+        self._inline_done.set()
         self._loop_task: asyncio.Task[None] | None = None
         self._executor = ThreadPoolExecutor(instance_count, thread_name_prefix=f"ort-{name}",
                                             initializer=lower_thread_priority, initargs=(nice,))
@@ -272,6 +274,8 @@ class Batcher:
     async def stop(self) -> None:
         """Finish the running batches, fail what is still queued, stop the threads."""
         if self._loop_task is not None:
+            while not self._inline_done.is_set():  # the batch running in the loop task
+                await self._inline_done.wait()
             self._loop_task.cancel()
             try:
                 await self._loop_task
@@ -290,7 +294,7 @@ class Batcher:
     @property
     def idle(self) -> bool:
         """Nothing queued and no batch running."""
-        return not self._queue and not self._tasks
+        return not self._queue and not self._tasks and self._inline_done.is_set()
 
     async def drain(self, timeout_s: float) -> bool:
         """Let the queued and running requests finish (at most ``timeout_s``), then stop.
@@ -307,16 +311,10 @@ class Batcher:
         return finished
 
     def _take(self, max_rows: int) -> list[Part]:
-        before = [(i, i.taken) for i in self._queue]
         parts, expired = take_batch(self._queue, max_rows, time.monotonic(),
                                     self.dynamic_batching, self.latency.predict)
-        # rows that left the queue: taken into parts, expired, or swept after cancellation
-        left = {id(i) for i in self._queue}
-        for item, taken in before:
-            if id(item) in left:
-                self._queued_rows -= item.taken - taken
-            else:
-                self._queued_rows -= item.rows - taken
+        # what is left: rows not taken yet (once per batch, O(queue))
+        self._queued_rows = sum(i.rows - i.taken for i in self._queue)
         for item in expired:
             if not item.future.done():
                 item.future.set_exception(DeadlineExceeded("deadline passed while queued"))
@@ -357,6 +355,13 @@ class Batcher:
             except BaseException:
                 self._slots.release()
                 raise
+            if self.instance_count == 1:  # one batch at a time: run it here, no task
+                self._inline_done.clear()
+                try:
+                    await self._run_batch(parts)
+                finally:
+                    self._inline_done.set()
+                continue
             task = asyncio.get_running_loop().create_task(self._run_batch(parts))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)

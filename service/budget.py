@@ -55,6 +55,8 @@ class LatencyModel:
             raise ValueError(f"window must be >= 2, got {window}")
         self._seed: list[tuple[int, float]] = []
         self._recent: deque[tuple[int, float]] = deque(maxlen=window)
+        self._sums = [0.0, 0.0, 0.0, 0.0, 0.0]  # n, Σrows, Σs, Σrows², Σrows·s of all points
+        self._updates = 0
         self.fixed_s = 0.0
         self.per_row_s = 0.0
         self._stale = True
@@ -65,29 +67,44 @@ class LatencyModel:
         """Seed plus recent points."""
         return len(self._seed) + len(self._recent)
 
+    def _add(self, rows: float, seconds: float, sign: float = 1.0) -> None:
+        s = self._sums
+        s[0] += sign
+        s[1] += sign * rows
+        s[2] += sign * seconds
+        s[3] += sign * rows * rows
+        s[4] += sign * rows * seconds
+
     def seed(self, rows: int, seconds: float) -> None:
         """A warmup measurement (kept for good)."""
         self._seed.append((int(rows), float(seconds)))
+        self._add(rows, seconds)
         self._stale = True
 
     def observe(self, rows: int, seconds: float) -> None:
-        """A measured batch; the fit is refreshed every few observations."""
+        """A measured batch; the fit (running sums: O(1)) is refreshed every few."""
+        if len(self._recent) == self._recent.maxlen:
+            self._add(*self._recent[0], sign=-1.0)
         self._recent.append((int(rows), float(seconds)))
+        self._add(rows, seconds)
+        self._updates += 1
+        if self._updates % 4096 == 0:  # recompute the sums now and then: no rounding drift
+            self._sums = [0.0] * 5
+            for r, sec in (*self._seed, *self._recent):
+                self._add(r, sec)
         self._since_fit += 1
         if self._since_fit >= 8:
             self._stale = True
 
     def _fit(self) -> None:
-        pts = [*self._seed, *self._recent]
         self._stale, self._since_fit = False, 0
-        if not pts:
+        n, sx, sy, sxx, sxy = self._sums
+        if n < 0.5:
             return
-        n = len(pts)
-        mx = sum(r for r, _ in pts) / n
-        my = sum(s for _, s in pts) / n
-        sxx = sum((r - mx) ** 2 for r, _ in pts)
-        sxy = sum((r - mx) * (s - my) for r, s in pts)
-        slope = sxy / sxx if sxx > 0 else (my / mx if mx > 0 else 0.0)
+        mx, my = sx / n, sy / n
+        vxx = sxx - n * mx * mx
+        vxy = sxy - n * mx * my
+        slope = vxy / vxx if vxx > 1e-9 * max(sxx, 1.0) else (my / mx if mx > 0 else 0.0)
         slope = max(slope, 0.0)
         fixed = my - slope * mx
         if fixed < 0:  # keep the line through the mean, with a non-negative intercept

@@ -62,8 +62,8 @@ from typing import Any
 import numpy as np
 
 from export.repository import INPUT_NAMES, OUTPUT_NAME
-from service.models import ServedModel
-from service.scoring import Encode, ServiceError
+from service.errors import ServiceError
+from service.models import Encode, ServedModel
 
 HEADER_LENGTH = "inference-header-content-length"
 # KServe v2 datatype -> little-endian numpy dtype (BYTES is handled apart)
@@ -150,7 +150,7 @@ def decode_tensor(spec: Any, raw: bytes | None) -> Tensor:
     if not isinstance(name, str) or not name:
         raise bad("an input has no name", "inputs")
     datatype, shape = spec.get("datatype"), spec.get("shape")
-    if datatype != "BYTES" and datatype not in DTYPES:
+    if not isinstance(datatype, str) or (datatype != "BYTES" and datatype not in DTYPES):
         raise bad(f"{name}: unknown datatype {datatype!r}", name)
     if not isinstance(shape, list) or not all(
             isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
@@ -167,8 +167,9 @@ def decode_tensor(spec: Any, raw: bytes | None) -> Tensor:
                           f"{datatype} needs {count * dtype.itemsize}", name)
             values = np.frombuffer(raw, dtype=dtype)
     else:
-        if "data" not in spec:
-            raise bad(f"{name}: no data (and no binary_data_size parameter)", name)
+        if not isinstance(spec.get("data"), list):
+            raise bad(f"{name}: data must be a list (or give parameters.binary_data_size)",
+                      name)
         flat = _flatten(spec["data"])
         if len(flat) != count:
             raise bad(f"{name}: {len(flat)} values for shape {shape}", name)
@@ -217,13 +218,14 @@ def parse_request(body: bytes, header_length: str | None) -> InferRequest:
         raise bad("the request's JSON is nested too deeply", "body") from None
     if not isinstance(obj, dict) or not isinstance(obj.get("inputs"), list) or not obj["inputs"]:
         raise bad("the request must be an object with a non-empty inputs list", "inputs")
-    params = obj.get("parameters") or {}
-    if not isinstance(params, dict):
-        raise bad("parameters must be an object", "parameters")
+    params = _object(obj.get("parameters"), "parameters")
+    rid = obj.get("id")
+    if rid is not None and not isinstance(rid, str):
+        raise bad(f"id must be a string, got {type(rid).__name__}", "id")
     tensors, pos, names = [], 0, set()
     for spec in obj["inputs"]:
-        p = spec.get("parameters") or {} if isinstance(spec, dict) else {}
-        size = p.get("binary_data_size") if isinstance(p, dict) else None
+        p = _object(spec.get("parameters"), "inputs.parameters") if isinstance(spec, dict) else {}
+        size = p.get("binary_data_size")
         raw = None
         if size is not None:
             if not isinstance(size, int) or isinstance(size, bool) or size < 0:
@@ -240,7 +242,7 @@ def parse_request(body: bytes, header_length: str | None) -> InferRequest:
         tensors.append(t)
     if pos != len(binary):
         raise bad(f"{len(binary) - pos} bytes of binary data are not claimed by any input")
-    binary_output = bool(params.get("binary_data_output", False))
+    binary_output = _flag(params, "binary_data_output", False, "parameters")
     outputs = obj.get("outputs")
     if outputs is not None:
         if not isinstance(outputs, list):
@@ -248,17 +250,35 @@ def parse_request(body: bytes, header_length: str | None) -> InferRequest:
         for out in outputs:
             if not isinstance(out, dict) or out.get("name") != OUTPUT_NAME:
                 raise bad(f"the only output is {OUTPUT_NAME!r}", "outputs")
-            binary_output = bool((out.get("parameters") or {}).get("binary_data",
-                                                                   binary_output))
+            binary_output = _flag(_object(out.get("parameters"), "outputs.parameters"),
+                                  "binary_data", binary_output, "outputs.parameters")
     timeout = params.get("timeout")
     if timeout is not None and (isinstance(timeout, bool) or not isinstance(
             timeout, (int, float)) or not timeout > 0 or not math.isfinite(timeout)):
         raise bad(f"parameters.timeout must be a positive number of microseconds, got "
                   f"{timeout!r}", "parameters.timeout")
-    rid = obj.get("id")
-    return InferRequest(id=rid if isinstance(rid, str) else None, parameters=params,
+    return InferRequest(id=rid, parameters=params,
                         inputs=tensors, binary_output=binary_output,
                         timeout_ms=None if timeout is None else float(timeout) / 1e3)
+
+
+def _object(value: Any, where: str) -> dict[str, Any]:
+    """A ``parameters`` object (absent or null: empty); 400 for anything else."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise bad(f"{where} must be an object, got {type(value).__name__}", where)
+    return value
+
+
+def _flag(params: dict[str, Any], key: str, default: bool, where: str) -> bool:
+    """A boolean parameter (absent: ``default``); 400 for anything but true/false/null."""
+    value = params.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise bad(f"{where}.{key} must be true or false, got {value!r}", f"{where}.{key}")
+    return value
 
 
 def rows_of(tensors: list[Tensor]) -> int:
@@ -327,25 +347,17 @@ def raw_inputs(model: ServedModel, tensors: list[Tensor]) -> tuple[int, Encode]:
             if np.isinf(t.values.astype(np.float64)).any():
                 raise bad(f"{t.name}: values must be finite (NaN is a missing value)", t.name)
     n = rows_of(tensors)
-    columns = {t.name: t.values for t in tensors}
+    scalars = {t.name: t.values.tolist()[0] for t in tensors if n > 1 and len(t.values) == 1}
+    columns = {t.name: t.values for t in tensors if t.name not in scalars}
 
     def encode(target: ServedModel, strict: bool) -> tuple[np.ndarray, np.ndarray]:
-        encoders = target.encoder.encoders
-        full: dict[str, Any] = {}
-        for f in encoders.schema.fields:
-            values = columns.get(f.name)
-            if values is None:
-                full[f.name] = [None] * n
-            elif len(values) == n:
-                full[f.name] = values
-            else:  # one value, broadcast
-                full[f.name] = np.repeat(values, n)
-        try:
-            return encoders.transform(full)
-        except (ValueError, TypeError) as e:
-            raise bad(f"the inputs cannot be encoded: {e}") from None
+        return target.encoder.encode_columns(scalars, columns, n, _tensor_name)
 
     return n, encode
+
+
+def _tensor_name(name: str, row: int | None) -> str:
+    return name if row is None else f"{name}[{row}]"
 
 
 def response_body(req: InferRequest, model: ServedModel, probs: np.ndarray,

@@ -31,6 +31,10 @@ mldcn_shadow_duration_seconds          histogram  shadow copy: submit to scores
 mldcn_model_loads_total                counter    admin/polling loads by model and result
 mldcn_draining                         gauge      1 after SIGTERM while in-flight work finishes
 mldcn_provider_fallback                gauge      1: CUDA was asked for, the model runs on CPU
+mldcn_admission_ratio                  histogram  served requests: actual ÷ predicted time from
+                                                  the admission decision to scored
+process_cpu_seconds_total              counter    CPU seconds of the server (all its threads;
+                                                  with several workers, the sum over them)
 =====================================  =========  =============================================
 
 ``mldcn_requests_total`` and ``mldcn_request_duration_seconds`` count ``/v1/score`` and
@@ -46,12 +50,16 @@ Rejection reasons: ``queue_full``, ``predicted_deadline_miss`` (admission contro
 
 Several worker processes: set ``PROMETHEUS_MULTIPROC_DIR`` (``mldcn serve --workers N`` does) to
 an empty folder before the service is imported; ``/metrics`` then aggregates every worker's
-files (``MultiProcessCollector``); gauges sum live processes (or take the max for model info).
+files (``MultiProcessCollector``); gauges sum live processes (or take the max for model info),
+and ``process_cpu_seconds_total`` adds up the live workers' CPU time (read from ``/proc``).
 """
 
 from __future__ import annotations
 
 import os
+import re
+from collections.abc import Iterator
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -59,9 +67,11 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    ProcessCollector,
     generate_latest,
     multiprocess,
 )
+from prometheus_client.core import CounterMetricFamily
 
 # 0.5 ms … 1 s, finer around the usual SLOs (20-50 ms), where p99 and "within budget" are read
 LATENCY_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05,
@@ -69,6 +79,7 @@ LATENCY_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03
 ROW_BUCKETS = tuple(float(2**i) for i in range(14))  # 1 … 8192
 PROBABILITY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
 DIFF_BUCKETS = (1e-5, 1e-4, 1e-3, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+RATIO_BUCKETS = (0.25, 0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 3.0, 5.0)
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus_client's own variable
 UNKNOWN_MODEL = "unknown"
 
@@ -82,6 +93,7 @@ class Metrics:
     """The service's metric objects, on their own registry (one per app instance)."""
 
     def __init__(self) -> None:
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         r = self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter("mldcn_requests", "/v1/score responses by model and HTTP code",
                                 ["model", "code"], registry=r)
@@ -145,16 +157,31 @@ class Metrics:
                                    ["model", "result"], registry=r)
         self.draining = Gauge("mldcn_draining", "1 while draining after SIGTERM",
                               multiprocess_mode="max", registry=r)
+        self.admission_ratio = Histogram(
+            "mldcn_admission_ratio", "served requests: actual / predicted seconds from the "
+            "admission decision to scored", ["model"], buckets=RATIO_BUCKETS, registry=r)
+        if not multiprocess_mode():
+            ProcessCollector(registry=r)
         self.provider_fallback = Gauge(
             "mldcn_provider_fallback", "1 when execution_provider=cuda but the model's session "
             "runs on CPU (on_provider_fallback=warn)", ["model"], multiprocess_mode="max",
             registry=r)
+
+    def child(self, metric: Any, *values: str) -> Any:
+        """``metric.labels(*values)`` (label values in the metric's order), cached: the
+        request path binds each series once instead of validating labels every time."""
+        key = (id(metric), values)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*values)
+        return found
 
     def exposition(self) -> tuple[bytes, str]:
         """(body, content type) of ``GET /metrics``, aggregated over workers if multiprocess."""
         if multiprocess_mode():
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry)
+            registry.register(WorkersCpuCollector(os.environ[MULTIPROC_ENV]))
             return generate_latest(registry), CONTENT_TYPE_LATEST
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
@@ -163,3 +190,33 @@ class Metrics:
         """Drop this process's live gauges from the multiprocess files (worker shutdown)."""
         if multiprocess_mode():
             multiprocess.mark_process_dead(os.getpid())
+
+
+class WorkersCpuCollector:
+    """``process_cpu_seconds_total`` summed over the live processes that write metrics files
+    into a multiprocess folder (``*_<pid>.db``), read from ``/proc/<pid>/stat``."""
+
+    _PID = re.compile(r"_(\d+)\.db$")
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+        self._tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        pids = set()
+        for name in os.listdir(self.folder):
+            m = self._PID.search(name)
+            if m:
+                pids.add(int(m.group(1)))
+        total, found = 0.0, False
+        for pid in pids:
+            try:
+                with open(f"/proc/{pid}/stat", "rb") as f:
+                    fields = f.read().rsplit(b")", 1)[1].split()
+            except OSError:
+                continue  # gone, or not Linux
+            total += (int(fields[11]) + int(fields[12])) / self._tick
+            found = True
+        if found:
+            yield CounterMetricFamily("process_cpu_seconds", "CPU seconds of the worker "
+                                      "processes (user + system)", value=total)

@@ -62,7 +62,7 @@ def choose_providers(choice: str = "auto") -> list[str]:
 def cuda_options(settings: Settings, cuda_graphs: bool | None = None) -> dict[str, str]:
     """The CUDA execution provider options of ``settings`` (see :mod:`service.gpu`)."""
     return cuda_provider_options(
-        device_id=settings.device_id,
+        device_id=settings.cuda_device,
         arena_extend_strategy=settings.cuda_arena_extend_strategy,
         gpu_mem_limit_bytes=settings.cuda_gpu_mem_limit_bytes,
         copy_in_default_stream=settings.cuda_copy_in_default_stream,
@@ -127,6 +127,11 @@ class ServedModel:
         """Rows of all-missing features (ids 0, dense 0), for warmup and benchmarks."""
         return (np.zeros((rows, self.encoder.num_cat), np.int64),
                 np.zeros((rows, self.encoder.num_dense), np.float32))
+
+
+# A request's encoding for a model: encode(model, strict) -> (cat_ids, dense); strict=False
+# when the request was validated for another model (the fallback or the shadow encodes it).
+Encode = Callable[[ServedModel, bool], tuple[np.ndarray, np.ndarray]]
 
 
 def _create_session(mv: ModelVersion, settings: Settings) -> tuple[ort.InferenceSession, bool]:
@@ -219,7 +224,7 @@ def open_version(mv: ModelVersion, settings: Settings) -> ServedModel:
     if pad:
         buckets = active_buckets(settings.batch_buckets, settings.max_batch_size)
         bound = BoundRunner(session, buckets, encoder.num_cat, encoder.num_dense,
-                            device="cuda" if on_cuda else "cpu", device_id=settings.device_id,
+                            device="cuda" if on_cuda else "cpu", device_id=settings.cuda_device,
                             cuda_graphs=graphs and on_cuda)
         m.runner = BucketedRunner(bound, buckets)
         m.buckets, m.cuda_graphs = buckets, bound.cuda_graphs

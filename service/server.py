@@ -20,9 +20,9 @@ re-raises the signal, so the process ends killed by SIGTERM rather than with exi
 A second signal during the drain exits at once (uvicorn's forced shutdown). Set Kubernetes'
 ``terminationGracePeriodSeconds`` above ``drain_grace_s`` plus a few seconds.
 
-With ``workers > 1`` uvicorn's supervisor starts plain ``uvicorn.Server`` workers, so the
-drain is uvicorn's own (no 503 phase; in-flight requests still get ``drain_grace_s`` through
-``timeout_graceful_shutdown``); run one worker per container to get the behaviour above.
+With ``workers > 1`` every worker is a DrainingServer on one shared socket, under the
+supervisor of :mod:`service.workers`, which forwards the signal to each: the behaviour above
+holds for every worker, and the supervisor exits 0 once all of them have.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 import time
 from types import FrameType
 from typing import Any
@@ -101,16 +102,30 @@ class DrainingServer(uvicorn.Server):
         return await super().on_tick(counter)
 
 
+def _config(settings: Settings, access_log: bool) -> uvicorn.Config:
+    """uvicorn's settings: no X-Forwarded-* rewriting and no ``server`` header (the service
+    reads neither; each costs a little on every request)."""
+    return uvicorn.Config("service.app:create_app", factory=True, host=settings.host,
+                          port=settings.port, log_level=settings.log_level,
+                          access_log=access_log, timeout_graceful_shutdown=SHUTDOWN_TIMEOUT_S,
+                          proxy_headers=False, server_header=False)
+
+
 def run(settings: Settings, access_log: bool = False) -> int:
     """Serve ``service.app:create_app`` as the settings say; the process's exit code."""
-    if settings.workers > 1:  # uvicorn's supervisor builds plain Servers: its own shutdown
-        uvicorn.run("service.app:create_app", factory=True, host=settings.host,
-                    port=settings.port, workers=settings.workers, log_level=settings.log_level,
-                    access_log=access_log, timeout_graceful_shutdown=settings.drain_grace_s)
-        return 0
-    config = uvicorn.Config("service.app:create_app", factory=True, host=settings.host,
-                            port=settings.port, log_level=settings.log_level,
-                            access_log=access_log, timeout_graceful_shutdown=SHUTDOWN_TIMEOUT_S)
-    server = DrainingServer(config, settings.drain_grace_s)
+    if settings.workers > 1:
+        from service.workers import Supervisor
+
+        return Supervisor(settings, access_log).run()
+    server = DrainingServer(_config(settings, access_log), settings.drain_grace_s)
     server.run()
+    return 0 if server.started else 3
+
+
+def serve_socket(settings: Settings, sock: socket.socket, access_log: bool = False) -> int:
+    """One worker of :mod:`service.workers`: a DrainingServer on a socket bound already."""
+    config = _config(settings, access_log)
+    config.configure_logging()
+    server = DrainingServer(config, settings.drain_grace_s)
+    server.run(sockets=[sock])
     return 0 if server.started else 3

@@ -82,6 +82,11 @@ class Settings(BaseSettings):
                     "mldcn_provider_fallback{model} 1)",
     )
     device_id: int = Field(default=0, ge=0, description="CUDA device of the sessions")
+    device_ids: Annotated[list[int], NoDecode] = Field(
+        default_factory=list,
+        description="CUDA devices the workers are spread over: worker i uses "
+                    "device_ids[i % len]; empty = device_id for every worker",
+    )
     cuda_arena_extend_strategy: Literal["kNextPowerOfTwo", "kSameAsRequested"] = Field(
         default="kSameAsRequested",
         description="CUDA memory arena growth: kSameAsRequested suits fixed buckets",
@@ -133,12 +138,18 @@ class Settings(BaseSettings):
         default="reject",
         description="when admission predicts a miss: reject (503) or degrade (fallback_model)",
     )
+    admission_quantile: float = Field(
+        default=0.99, gt=0.0, le=1.0,
+        description="admission's margin: this quantile of the prediction errors of recent "
+                    "admitted requests is added to each prediction (service.admission)",
+    )
     admission_safety_factor: float = Field(
-        default=1.2, ge=1.0, le=10.0,
-        description="predicted latency is multiplied by this before it is compared to the budget",
+        default=1.0, ge=1.0, le=10.0,
+        description="a multiplier on admission's prediction, its learnt margin included",
     )
     latency_window: int = Field(
-        default=256, ge=8, description="recent batches the online latency model is fitted on"
+        default=256, ge=8, description="recent batches (and admitted requests) the online "
+                                       "latency model (and admission's margin) is fitted on"
     )
 
     # -- limits ----------------------------------------------------------------------------------
@@ -199,7 +210,13 @@ class Settings(BaseSettings):
     # -- server ----------------------------------------------------------------------------------
     host: str = Field(default="127.0.0.1", description="address to listen on")
     port: int = Field(default=8000, ge=0, le=65535, description="port to listen on")
-    workers: int = Field(default=1, ge=1, description="uvicorn worker processes")
+    workers: int = Field(default=1, ge=1, description="worker processes (service.workers)")
+    control_dir: Path | None = Field(
+        default=None, description="folder the workers share for admin calls (set by the "
+                                  "supervisor of --workers N; not for users)")
+    worker_index: int = Field(
+        default=0, ge=0, description="this worker's number, 0 … workers-1 (set by the "
+                                     "supervisor; picks its CUDA device from device_ids)")
     log_level: str = Field(default="info", description="uvicorn log level")
 
     @field_validator("models", mode="before")
@@ -207,6 +224,17 @@ class Settings(BaseSettings):
     def _split_models(cls, v: object) -> object:
         if isinstance(v, str):
             return [s.strip() for s in v.split(",") if s.strip()]
+        return v
+
+    @field_validator("device_ids", mode="before")
+    @classmethod
+    def _split_devices(cls, v: object) -> object:
+        if isinstance(v, str):
+            try:
+                return [int(x) for x in v.split(",") if x.strip()]
+            except ValueError:
+                raise ValueError(f"device_ids: expected comma-separated integers, got {v!r}"
+                                 ) from None
         return v
 
     @field_validator("batch_buckets", mode="before")
@@ -265,6 +293,13 @@ class Settings(BaseSettings):
         if not token:
             raise ValueError(f"admin_token_file {self.admin_token_file} is empty")
         return token.encode()
+
+    @property
+    def cuda_device(self) -> int:
+        """The CUDA device of this worker's sessions (``device_ids`` round robin)."""
+        if self.device_ids:
+            return self.device_ids[self.worker_index % len(self.device_ids)]
+        return self.device_id
 
     @property
     def session_threads(self) -> int:

@@ -30,45 +30,60 @@ import logging
 import random
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from service.batcher import Batcher, DeadlineExceeded, QueueFull
-from service.budget import LatencyModel
-
-if TYPE_CHECKING:
-    from service.models import ServedModel
-    from service.scoring import Scored, ScoringService
+from service.metrics import Metrics
+from service.models import Encode, ServedModel
+from service.registry import ModelRegistry
+from service.settings import Settings
 
 log = logging.getLogger("mldcn.shadow")
+
+
+
+@dataclass(frozen=True)
+class Copy:
+    """A scored request to copy: the model that scored it, its scores and its encoding."""
+
+    model: ServedModel
+    probs: np.ndarray
+    encode: Encode
+    request_id: str | None
 
 
 class ShadowScorer:
     """Copies scored requests to ``settings.shadow_model`` (see the module docstring)."""
 
-    def __init__(self, service: ScoringService) -> None:
-        self.service = service
-        self.settings = service.settings
-        self.metrics = service.metrics
+    def __init__(self, settings: Settings, registry: ModelRegistry, metrics: Metrics,
+                 draining: Callable[[], bool]) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.metrics = metrics
+        self.draining = draining
         self._tasks: set[asyncio.Task[None]] = set()
         self._batcher: Batcher | None = None
         self._batcher_model: ServedModel | None = None
         self._rng = random.Random()
 
-    def plan(self, done: Scored, request_id: str | None = None) -> Callable[[], None] | None:
+    def plan(self, model: ServedModel, probs: np.ndarray, encode: Encode,
+             request_id: str | None = None) -> Callable[[], None] | None:
         """What to call once the response is sent (it starts the copy), or None: no copy."""
         s = self.settings
-        if not s.shadow_model or done.model.name == s.shadow_model:
+        if not s.shadow_model or model.name == s.shadow_model:
             return None
         if s.shadow_fraction < 1.0 and self._rng.random() >= s.shadow_fraction:
             return None
-        return lambda: self._start(done, request_id)
+        copy = Copy(model, probs, encode, request_id)
+        return lambda: self._start(copy)
 
-    def _start(self, done: Scored, request_id: str | None) -> None:
-        if self.service.draining:
+    def _start(self, done: Copy) -> None:
+        if self.draining():
             return
-        task = asyncio.get_running_loop().create_task(self._run(done, request_id))
+        task = asyncio.get_running_loop().create_task(self._run(done))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -79,8 +94,7 @@ class ShadowScorer:
             s = self.settings
             # the model's own latency model (seeded at warmup): the same session, the same
             # cost; a fresh one fitted on a few small batches can predict nonsense
-            main = self.service.batchers.get(shadow.name)
-            latency = main.latency if main is not None else LatencyModel(s.latency_window)
+            latency = self.registry.get(shadow.name).batcher.latency
             self._batcher = Batcher(shadow.run, max_batch_size=s.max_batch_size,
                                     max_queue_size=s.shadow_max_queue_size, instance_count=1,
                                     latency=latency, name=f"shadow-{shadow.name}")
@@ -92,13 +106,13 @@ class ShadowScorer:
                 task.add_done_callback(self._tasks.discard)  # type: ignore[arg-type]
         return self._batcher
 
-    async def _run(self, done: Scored, request_id: str | None) -> None:
-        primary, name = done.model, self.settings.shadow_model
+    async def _run(self, done: Copy) -> None:
+        primary, name, request_id = done.model, self.settings.shadow_model, done.request_id
         assert name is not None
         labels = {"model": primary.name, "shadow": name}
         count = self.metrics.shadow_requests
 
-        shadow = self.service.models.get(name)
+        shadow = self.registry.models.get(name)
         if shadow is None:
             count.labels(**labels, result="unavailable").inc()
             return

@@ -170,3 +170,42 @@ def test_encoders_import_without_torch() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+def _plain_values(rng: np.random.Generator, n: int) -> list[object]:
+    pool: list[object] = [None, "", "3", "-0", "007", "3.0", "1.5", "inf", "nan", "a", "b",
+                          "True", 3, -0, 0, 7, 10**20, 3.0, -0.0, 1.5, 2.5, 1e20, float("inf"),
+                          float("nan"), True, False, "1", "0", "2.5", "1e+20",
+                          "100000000000000000000"]
+    return [pool[i] for i in rng.integers(0, len(pool), n)]
+
+
+@pytest.mark.parametrize("encoding", ["vocab", "hash"])
+def test_one_lookup_per_value_equals_canonicalising_each(encoding: str) -> None:
+    """The lookup table's int/float aliases (vocab) and the memo (hash) give exactly the ids
+    that canonicalising every value first gives, for every kind of JSON scalar."""
+    vocab = ["3", "-0", "007", "1.5", "inf", "nan", "a", "1", "0", "2.5", "1e+20",
+             "100000000000000000000", "True"]
+    spec = (FieldSpec("f", "categorical", encoding="hash", buckets=97) if encoding == "hash"
+            else FieldSpec("f", "categorical"))
+    enc = CategoricalEncoder(spec, vocab if encoding == "vocab" else None)
+    index = {v: i + 1 for i, v in enumerate(vocab)}
+
+    def reference(v: object) -> int:
+        key = canonical_category(v)
+        if key is None:
+            return 0
+        if encoding == "vocab":
+            return index.get(key, 0)
+        return 1 + stable_hash("f", key) % 96
+
+    rng = np.random.default_rng(0)
+    for _ in range(20):  # the hash memo fills up as it goes
+        values = _plain_values(rng, 200)
+        want = [reference(v) for v in values]
+        assert enc.lookup(values).tolist() == want
+        assert enc.transform(values).tolist() == want
+        assert enc.transform(np.array(values, dtype=object)).tolist() == want
+        assert [enc.id_of(v) for v in values] == want
+    assert enc.transform(np.array([3, 7], dtype=np.int64)).tolist() == [reference(3), reference(7)]
+    assert enc.transform([np.str_("a"), np.int64(3)]).tolist() == [reference("a"), reference(3)]

@@ -68,17 +68,28 @@ def test_compare_writes_the_report(repo: Path, tmp_path: Path) -> None:
         for r in report["runs"][name]:
             for s in r["steps"]:
                 assert s["server"]["requests_by_code"].get("200", 0) == s["client"]["served"]
+                # where the server's time goes (the share is None without process CPU time)
+                sv = s["server"]
+                assert sv["ort_s"] > 0
+                assert sv["answered_requests"] == sum(sv["requests_by_code"].values())
+                assert sv["compute_share"] is None or 0 <= sv["compute_share"] <= 1
+                assert (sv["outside_ort_ms_per_request"] is None) == (sv["compute_share"] is None)
+        assert "compute_share_at_reference" in m
     # the same bodies for both models (same encoders, same seed)
     assert report["models"]["dcnv2"]["pool"]["sha256"] == report["models"]["mldcn"]["pool"][
         "sha256"]
     c = report["comparison"]
-    assert c["verdict"] in ("neutral", "cheaper", "more expensive", "inconclusive")
+    assert c["ratio_verdict"] in ("neutral", "cheaper", "more expensive", "inconclusive")
+    assert c["verdict"] in (c["ratio_verdict"], "front-end-bound")
+    assert (c["verdict"] == "front-end-bound") == (c["front_end_bound"] is True
+                                                   and c["ratio_verdict"] != "inconclusive")
     assert len(c["p99_ratio_at_reference"]["values"]) == 2
     assert len(c["slo_bounded_throughput_ratio"]["values"]) == 2
     for png in ("latency.png", "throughput.png"):
         assert (out / png).read_bytes()[:8] == PNG_MAGIC
     md = (out / "report.md").read_text()
     assert "**Verdict:" in md and "latency.png" in md and "FLOPs/example" in md
+    assert "| ORT share | outside ORT ms / request |" in md
     # Locust's own CSV statistics are kept with the raw results
     assert list((out / "raw").glob("*_stats.csv"))
 

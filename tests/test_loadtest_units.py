@@ -1,5 +1,6 @@
 """Load-test building blocks without a server: histogram-delta percentiles, SLO-bounded
-throughput, the verdict, the request sampler, shapes, outcomes, and the CLI's one-line errors."""
+throughput, the ONNX Runtime share of server CPU and the front-end-bound verdict, the report of
+an old report.json, the request sampler, shapes, outcomes, and the CLI's one-line errors."""
 
 from __future__ import annotations
 
@@ -10,8 +11,12 @@ import numpy as np
 import pytest
 
 from loadtest.compare import (
+    FRONT_END_BOUND,
     LoadOptions,
     comparison,
+    front_end_bound,
+    model_summary,
+    rebuild,
     slo_bounded,
     spread,
     step_meets_slo,
@@ -25,7 +30,8 @@ from loadtest.promscrape import (
     histogram_quantile,
     parse_metrics,
 )
-from loadtest.runner import LoadTestError
+from loadtest.report import markdown, write_report
+from loadtest.runner import LoadTestError, cpu_seconds_delta, server_step_stats
 from loadtest.sampling import OOV_PREFIX, CandidateCounts, RequestSampler, invert_transform
 from loadtest.shapes import ArrivalSchedule, bursts, constant, steps
 from model.cli import main
@@ -105,6 +111,80 @@ def test_percentile_matches_numpy() -> None:
     assert percentile([], 99) is None
 
 
+# --- where the server's time goes: ONNX Runtime share of server CPU ------------------------
+
+
+def _scrape(cpu: float | list[float] | None, compute: dict[tuple[str, str], float],
+            codes: dict[str, int], model: str = "m") -> str:
+    """A /metrics text: process CPU (one series, or one per worker pid), the compute
+    histogram's ``_sum`` / ``_count`` per (model, version), and request counts per code."""
+    lines = []
+    if cpu is not None:
+        lines += ["# TYPE process_cpu_seconds_total counter"]
+        if isinstance(cpu, list):
+            lines += [f'process_cpu_seconds_total{{pid="{i}"}} {v}' for i, v in enumerate(cpu)]
+        else:
+            lines += [f"process_cpu_seconds_total {cpu}"]
+    lines += ["# TYPE mldcn_compute_duration_seconds histogram"]
+    for (m, ver), v in compute.items():
+        lab = f'model="{m}",version="{ver}"'
+        lines += [f'mldcn_compute_duration_seconds_bucket{{le="+Inf",{lab}}} 10',
+                  f"mldcn_compute_duration_seconds_count{{{lab}}} 10",
+                  f"mldcn_compute_duration_seconds_sum{{{lab}}} {v}"]
+    lines += ["# TYPE mldcn_requests_total counter"]
+    lines += [f'mldcn_requests_total{{code="{c}",model="{model}"}} {n}'
+              for c, n in codes.items()]
+    return "\n".join(lines) + "\n"
+
+
+def test_server_step_stats_share_and_time_outside_ort() -> None:
+    # CPU 10.0 -> 14.0 s; ORT: 1.0 s (version 1) + 0.2 s (version 2) of model m, and 3 s of
+    # another model that must not count; 1350 served + 50 rejected = 1400 answered.
+    before = parse_metrics(_scrape(10.0, {("m", "1"): 5.0, ("m", "2"): 0.0, ("x", "1"): 1.0},
+                                   {"200": 100, "503": 10}))
+    after = parse_metrics(_scrape(14.0, {("m", "1"): 6.0, ("m", "2"): 0.2, ("x", "1"): 4.0},
+                                  {"200": 1450, "503": 60}))
+    sv = server_step_stats(before, after, "m", duration_s=10.0)
+    assert sv["server_cpu_s"] == pytest.approx(4.0)
+    assert sv["ort_s"] == pytest.approx(1.2)
+    assert sv["answered_requests"] == 1400
+    assert sv["compute_share"] == pytest.approx(0.3)  # 1.2 / 4.0
+    assert sv["outside_ort_ms_per_request"] == pytest.approx(2.0)  # (4.0 - 1.2) / 1400 s
+    assert sv["requests_by_code"] == {"200": 1350, "503": 50}
+
+
+def test_server_cpu_is_summed_over_worker_processes() -> None:
+    before = parse_metrics(_scrape([3.0, 5.0], {("m", "1"): 0.0}, {"200": 0}))
+    after = parse_metrics(_scrape([4.5, 7.5], {("m", "1"): 3.2}, {"200": 800}))
+    sv = server_step_stats(before, after, "m", duration_s=10.0)
+    assert sv["server_cpu_s"] == pytest.approx(4.0)
+    assert sv["compute_share"] == pytest.approx(0.8)
+    assert sv["outside_ort_ms_per_request"] == pytest.approx(1.0)  # 0.8 s / 800
+
+
+def test_share_without_process_cpu_is_none_and_is_clipped() -> None:
+    before = parse_metrics(_scrape(None, {("m", "1"): 0.0}, {"200": 0}))
+    after = parse_metrics(_scrape(None, {("m", "1"): 1.0}, {"200": 100}))
+    sv = server_step_stats(before, after, "m", duration_s=10.0)
+    assert sv["server_cpu_s"] is None and sv["compute_share"] is None
+    assert sv["outside_ort_ms_per_request"] is None
+    assert sv["ort_s"] == pytest.approx(1.0) and sv["answered_requests"] == 100
+    # exported only after the step started: no delta to take
+    late = parse_metrics(_scrape(9.0, {("m", "1"): 1.0}, {"200": 100}))
+    assert cpu_seconds_delta(before, late) is None
+    # ORT wall time above the CPU time (a batch pre-empted): share 1, nothing outside
+    before = parse_metrics(_scrape(1.0, {("m", "1"): 0.0}, {"200": 0}))
+    after = parse_metrics(_scrape(2.0, {("m", "1"): 1.5}, {"200": 10}))
+    sv = server_step_stats(before, after, "m", duration_s=10.0)
+    assert sv["compute_share"] == 1.0 and sv["outside_ort_ms_per_request"] == 0.0
+    # a counter that went down (a restarted process): unknown, not negative
+    assert cpu_seconds_delta(after, before) is None
+    # no request answered: the share is defined, the time per request is not
+    idle = parse_metrics(_scrape(2.5, {("m", "1"): 1.5}, {"200": 10}))
+    sv = server_step_stats(after, idle, "m", duration_s=10.0)
+    assert sv["compute_share"] == 0.0 and sv["outside_ort_ms_per_request"] is None
+
+
 # --- outcomes, SLO, verdict ---------------------------------------------------------------
 
 
@@ -132,10 +212,12 @@ def test_recorder_and_summary() -> None:
     assert s["served_rows_per_s"] == pytest.approx(30_000.0)
 
 
-def _step(rps: float, p99: float | None, unserved: float = 0.0) -> dict:
+def _step(rps: float, p99: float | None, unserved: float = 0.0,
+          share: float | None = None) -> dict:
     return {"offered_rps": rps, "client": {"requests": 100, "p99_ms": p99,
                                            "unserved_share": unserved,
-                                           "served_rows_per_s": rps * 300}}
+                                           "served_rows_per_s": rps * 300},
+            "server": {"compute_share": share}}
 
 
 def test_slo_bounded_throughput() -> None:
@@ -164,6 +246,26 @@ def test_verdict(thr, p99, expected) -> None:
     assert verdict(thr, p99) == expected
 
 
+@pytest.mark.parametrize(("shares", "expected"), [
+    ([0.3, 0.8], FRONT_END_BOUND),     # either model below 50%
+    ([0.8, 0.49], FRONT_END_BOUND),
+    ([0.3, None], FRONT_END_BOUND),    # one known below 50% is enough
+    ([0.8, 0.5], "cheaper"),           # both at least 50%: the ratios decide
+    ([0.8, None], "cheaper"),          # unknown does not change the verdict
+    ([None, None], "cheaper"),
+    ([], "cheaper"),
+])
+def test_verdict_is_front_end_bound_below_half(shares, expected) -> None:
+    assert verdict([1.5, 2.0], [0.8, 0.9], compute_shares=shares) == expected
+
+
+def test_front_end_bound_does_not_hide_missing_evidence() -> None:
+    assert verdict([None], [None], compute_shares=[0.1, 0.1]) == "inconclusive"
+    assert front_end_bound([0.3, None]) is True
+    assert front_end_bound([0.6, None]) is None
+    assert front_end_bound([0.6, 0.5]) is False
+
+
 def test_spread() -> None:
     assert spread([1.0, None, 3.0, 2.0]) == {"median": 2.0, "min": 1.0, "max": 3.0,
                                             "values": [1.0, None, 3.0, 2.0]}
@@ -181,7 +283,150 @@ def test_comparison_pairs_repeats_and_picks_the_reference_load() -> None:
     assert c["reference_rps"] == 20  # highest step the baseline met in every repeat
     assert c["p99_ratio_at_reference"]["values"] == pytest.approx([21 / 20, 23 / 22])
     assert c["slo_bounded_throughput_ratio"]["values"] == [2.0, 2.0]
-    assert c["verdict"] == "cheaper"
+    assert c["verdict"] == c["ratio_verdict"] == "cheaper"
+    assert c["front_end_bound"] is None  # no share recorded
+
+
+def _runs(shares_at_ref: list[float]) -> tuple[list[dict], list[dict]]:
+    """Baseline and candidate runs (2 repeats, steps 10/20/40 req/s; the reference load is
+    20 req/s) whose compute share at the reference load is the given one per model; the
+    other steps have a share of 0.9 (they must not count)."""
+    def run(p99s: list[float], bad: list[float], share: float) -> dict:
+        return {"steps": [_step(r, p, b, share if r == 20 else 0.9)
+                          for r, p, b in zip((10, 20, 40), p99s, bad, strict=True)]}
+
+    sa, sb = shares_at_ref
+    base = [run([10, 20, 60], [0, 0, 0.3], sa), run([11, 22, 70], [0, 0, 0.4], sa)]
+    cand = [run([10, 21, 40], [0, 0, 0], sb), run([11, 23, 45], [0, 0, 0], sb)]
+    return base, cand
+
+
+def test_comparison_is_front_end_bound_when_the_reference_share_is_low() -> None:
+    c = comparison(*_runs([0.3, 0.8]), slo_ms=50)
+    assert c["reference_rps"] == 20
+    assert c["compute_share_at_reference"]["baseline"]["values"] == [0.3, 0.3]
+    assert c["compute_share_at_reference"]["candidate"]["median"] == 0.8
+    assert c["front_end_bound"] is True and c["front_end_share_threshold"] == 0.5
+    assert c["verdict"] == FRONT_END_BOUND
+    assert c["ratio_verdict"] == "cheaper"  # still reported, with the ratios
+    assert c["slo_bounded_throughput_ratio"]["values"] == [2.0, 2.0]
+    c = comparison(*_runs([0.8, 0.8]), slo_ms=50)
+    assert c["front_end_bound"] is False and c["verdict"] == "cheaper"
+
+
+# --- the report, old and new ---------------------------------------------------------------
+
+
+def _full_step(rps: float, p99: float, share: float | None) -> dict:
+    client = {"requests": int(rps * 2), "served": int(rps * 2), "p50_ms": p99 / 3,
+              "p95_ms": p99 / 1.5, "p99_ms": p99, "achieved_rps": rps,
+              "served_rows_per_s": rps * 300, "unserved_share": 0.0, "max_lag_ms": 1.0,
+              "outcomes": {"ok": int(rps * 2)}}
+    server = {"p50_ms": p99 / 3, "p95_ms": p99 / 1.5, "p99_ms": p99,
+              "scored_rows_per_s": rps * 300, "mean_batch_rows": 300.0,
+              "mean_compute_ms": 1.0, "mean_queue_ms": 0.1, "compute_busy_share": 0.1,
+              "compute_ms_per_1k_rows": 3.3}
+    if share is not None:  # the fields a current runner records
+        server.update({"server_cpu_s": 1.0, "ort_s": share, "answered_requests": 400,
+                       "compute_share": share,
+                       "outside_ort_ms_per_request": (1.0 - share) / 400 * 1e3})
+    return {"offered_rps": rps, "duration_s": 2.0, "wall_s": 2.5, "client": client,
+            "server": server}
+
+
+def _report(shares: dict[str, float | None]) -> dict:
+    """A two-repeat compare report (steps 4 and 12 req/s, both within the SLO) of models whose
+    compute share is the given one in repeat 1 and 0.02 more in repeat 2 (None: not recorded);
+    the candidate's p99 is 0.8x the baseline's."""
+    runs = {m: [{"model": m, "repeat": r + 1,
+                 "steps": [_full_step(rps, (10.0 + rps / 10 + r) * (0.8 if i else 1.0),
+                                      None if share is None else share + 0.02 * r)
+                           for rps in (4, 12)]}
+                for r in range(2)] for i, (m, share) in enumerate(shares.items())}
+    pool = {"requests": 24, "sha256": "ab", "mean_candidates": 60.0,
+            "median_candidates": 50.0, "max_candidates": 400, "mean_body_bytes": 4096.0}
+    env = {"python": "3.11", "platform": "Linux", "cpu_count": 2, "server_cores": [0],
+           "client_cores": [1], "loadavg_at_start": [0.1, 0.1, 0.1]}
+    return {"kind": "compare", "command": None, "created_utc": "2026-01-01T00:00:00Z",
+            "baseline": "dcnv2", "candidate": "mldcn", "repeats": 2,
+            "options": {"steps_rps": [4.0, 12.0], "step_s": 2.0, "slo_ms": 100.0,
+                        "shape": "constant"},
+            "environment": env,
+            "models": {m: {"arch": m, "flops_per_example": 1000, "params": 10,
+                           "valid_auc": 0.7, "pool": dict(pool)} for m in shares},
+            "runs": runs}
+
+
+def test_model_summary_carries_the_share_at_the_reference_load() -> None:
+    runs = _report({"dcnv2": 0.3})["runs"]["dcnv2"]
+    runs[0]["steps"][0]["server"]["compute_share"] = 0.9  # 4 req/s: not the reference load
+    s = model_summary(runs, slo_ms=100)  # its own reference load: 12 req/s
+    assert s["reference_rps"] == 12
+    assert s["compute_share_at_reference"] == {"median": pytest.approx(0.31), "min": 0.3,
+                                               "max": pytest.approx(0.32),
+                                               "values": [0.3, pytest.approx(0.32)]}
+    assert s["outside_ort_ms_per_request_at_reference"]["values"] == pytest.approx(
+        [0.7 / 400 * 1e3, 0.68 / 400 * 1e3])
+    assert s["steps"][1]["server"]["compute_share"] == pytest.approx(0.31)
+    assert s["steps"][1]["server"]["outside_ort_ms_per_request"] == pytest.approx(1.725)
+    assert s["steps"][0]["server"]["compute_share"] == pytest.approx((0.9 + 0.32) / 2)
+    # in a comparison: the baseline's reference step, for both models
+    s = model_summary(runs, slo_ms=100, ref=0)
+    assert s["reference_rps"] == 4 and s["compute_share_at_reference"]["values"][0] == 0.9
+
+
+OLD_COMPARISON_KEYS = ("compute_share_at_reference", "front_end_share_threshold",
+                       "front_end_bound", "ratio_verdict")
+OLD_MODEL_KEYS = ("reference_rps", "compute_share_at_reference",
+                  "outside_ort_ms_per_request_at_reference")
+
+
+def test_an_old_report_json_renders_with_n_a(tmp_path) -> None:
+    report = rebuild(_report({"dcnv2": None, "mldcn": None}))  # runs without the new fields
+    for k in OLD_COMPARISON_KEYS:  # ... and summaries written before they existed
+        report["comparison"].pop(k)
+    for m in report["models"].values():
+        for k in OLD_MODEL_KEYS:
+            m.pop(k)
+        for s in m["steps"]:
+            s["server"].pop("compute_share")
+            s["server"].pop("outside_ort_ms_per_request")
+    write_report(report, tmp_path)  # as saved, not rebuilt
+    md = (tmp_path / "report.md").read_text()
+    assert f"**Verdict: {report['comparison']['verdict']}.**" in md
+    assert "ORT share | outside ORT ms / request" in md
+    row = next(ln for ln in md.splitlines() if ln.startswith("| 12 |"))
+    assert "| 3.30 | n/a | n/a | 0.00% |" in row
+    assert "not measured for dcnv2 and mldcn" in md
+    # rebuilt from its runs: the same, with the new fields present and unknown
+    again = rebuild(report)
+    assert again["comparison"]["front_end_bound"] is None
+    assert again["models"]["mldcn"]["compute_share_at_reference"]["median"] is None
+    assert "not measured for dcnv2 and mldcn" in markdown(again)
+
+
+def test_report_says_the_ratios_compare_front_ends(tmp_path) -> None:
+    report = rebuild(_report({"dcnv2": 0.3, "mldcn": 0.8}))
+    assert report["comparison"]["verdict"] == FRONT_END_BOUND
+    write_report(report, tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    line = next(ln for ln in md.splitlines() if ln.startswith("**Verdict:"))
+    assert line.startswith("**Verdict: front-end-bound.**")
+    assert "at 12 req/s: dcnv2 31% (range 30–32%), mldcn 81% (range 80–82%)" in line
+    assert "compare the servers' front ends" in line
+    assert "SLO-bounded throughput ratio 1.00" in line  # the ratios are still reported
+    assert "every repeat) 0.80 (range 0.80–0.80)" in line  # p99 ratio at 12 req/s
+    assert report["comparison"]["ratio_verdict"] == "cheaper"
+    assert 'read alone they would say "cheaper"' in line
+    row = next(ln for ln in md.splitlines() if ln.startswith("| 12 |"))
+    assert "| 31% | 1.72 |" in row  # median of (1.0 - 0.30) and (1.0 - 0.32) s / 400 requests
+    assert "| 31% (range 30–32%) at 12 req/s |" in md  # the models table
+    assert "ORT share* = ONNX Runtime seconds / CPU seconds" in md
+    assert "one intra-op thread per server core" in md
+    report = rebuild(_report({"dcnv2": 0.5, "mldcn": 0.8}))
+    assert report["comparison"]["verdict"] == "cheaper"
+    line = markdown(report).splitlines()[2]
+    assert line.startswith("**Verdict: cheaper.**") and "the ratios measure the models" in line
 
 
 # --- sampler -------------------------------------------------------------------------------

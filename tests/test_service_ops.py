@@ -205,8 +205,9 @@ def test_reload_under_load_loses_nothing_and_refuses_corrupt_versions(
 
 
 def test_polling_loads_new_versions_and_unload(models: Models, tmp_path: Path) -> None:
+    from service.errors import ServiceError
     from service.metrics import Metrics
-    from service.scoring import ScoringService, ServiceError
+    from service.scoring import ScoringService
 
     repo = tmp_path / "models"
     shutil.copytree(models.repo, repo)
@@ -224,13 +225,13 @@ def test_polling_loads_new_versions_and_unload(models: Models, tmp_path: Path) -
             assert service.models["mlp"].version == 2
             publish_copy(repo, "mlp", 3, corrupt="truncate")
             await asyncio.sleep(1.0)
-            assert service.models["mlp"].version == 2 and 3 in service._refused["mlp"]
-            out = await service.unload("mlp")
+            assert service.models["mlp"].version == 2 and 3 in service.control.refused["mlp"]
+            out = await service.control.unload("mlp")
             assert out["previous_version"] == 2 and "mlp" not in service.models
             with pytest.raises(ServiceError) as e:
-                await service.unload("mldcn")  # the last model
+                await service.control.unload("mldcn")  # the last model
             assert e.value.status == 409
-            out = await service.load("mlp", 1)
+            out = await service.control.load("mlp", 1)
             assert out["version"] == 1 and service.models["mlp"].version == 1
         finally:
             await service.stop()

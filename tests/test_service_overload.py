@@ -12,8 +12,9 @@ rejections (503) come back fast (p99 <= 10 ms, the issue's target), admitted req
 still miss (504) stay rare, nothing else than 200/503/504 is returned, and the server is
 healthy afterwards. Clients pause BACKOFF_S after a rejection.
 
-What makes a 503 cheap (service/app.py): the edge middleware runs admission on the parsed JSON
-before FastAPI validates anything, and ONNX Runtime's threads run at a lower priority
+What makes a 503 cheap (service/edge.py, service/admission.py): admission is asked on arrival,
+before the body is read, for the fewest rows its Content-Length can hold, then on the decoded
+body (msgspec) before anything is encoded; and ONNX Runtime's threads run at a lower priority
 (``inference_nice``), so the event loop takes the core whenever it has a decision to make.
 """
 

@@ -1,0 +1,143 @@
+"""The models serving, by name: each version with its batcher and cost models.
+
+A :class:`ModelEntry` is everything the request path needs about one model version: the
+:class:`~service.models.ServedModel` (session + encoder), its :class:`~service.batcher.Batcher`,
+the latency model of its encoding (per row, fitted online) and its :class:`ServingConfig`.
+:meth:`ModelRegistry.install` puts a new entry into service in one step (no await), so a
+request resolves either the old version or the new one, never a mix; the entry it replaces
+retires in the background (its batcher scores what it holds, then stops).
+
+The registry is what the scoring path, admission control and the shadow scorer share; model
+control (:mod:`service.control`) is the only writer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from service.batcher import Batcher
+from service.budget import LatencyModel
+from service.errors import ServiceError
+from service.models import ServedModel
+from service.settings import Settings
+
+log = logging.getLogger("uvicorn.error")
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    """How one model is batched and queued (Triton's per-model settings)."""
+
+    max_batch_size: int
+    max_queue_delay_ms: float
+    max_queue_size: int
+    instance_count: int
+    dynamic_batching: bool
+    timeout_action: Literal["reject", "degrade"]
+
+    @classmethod
+    def defaults(cls, settings: Settings) -> ServingConfig:
+        """The server-wide settings, which every model uses unless it says otherwise."""
+        return cls(settings.max_batch_size, settings.max_queue_delay_ms,
+                   settings.max_queue_size, settings.instance_count, settings.dynamic_batching,
+                   settings.timeout_action)
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One model version in service."""
+
+    model: ServedModel
+    batcher: Batcher
+    encode_cost: LatencyModel
+    config: ServingConfig
+
+
+class ModelRegistry:
+    """The versions serving (see the module docstring)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.on_change: list[Callable[[], None]] = []  # called after a version comes or goes
+        self.entries: dict[str, ModelEntry] = {}
+        self.models: dict[str, ServedModel] = {}  # name -> model, the same versions
+        self._retiring: set[asyncio.Task[Any]] = set()
+
+    def get(self, name: str) -> ModelEntry:
+        """The entry of a serving model (KeyError if none)."""
+        return self.entries[name]
+
+    def resolve(self, name: str | None) -> ServedModel:
+        """The model a request names (or the default); ServiceError 404 if there is none."""
+        if name is None:
+            name = self.settings.default_model or next(iter(self.models), None)
+        model = self.models.get(name) if name is not None else None
+        if model is None:
+            raise ServiceError(404, "model_not_found",
+                               f"no model named {name!r} (models: {sorted(self.models)})",
+                               field="model")
+        return model
+
+    def lookup(self, name: str, version: str | None = None) -> ServedModel:
+        """The model a ``/v2/models/{name}[/versions/{version}]`` URL names; ServiceError 404
+        if it is not loaded or ``version`` is not the one serving."""
+        m = self.models.get(name)
+        if m is None:
+            raise ServiceError(404, "model_not_found",
+                               f"no model named {name!r} (models: {sorted(self.models)})",
+                               field="name")
+        if version is not None and version != str(m.version):
+            raise ServiceError(404, "version_not_found", f"model {name!r} serves version "
+                               f"{m.version}, not {version!r}", field="version")
+        return m
+
+    @property
+    def idle(self) -> bool:
+        """Nothing queued or running in any batcher."""
+        return all(e.batcher.idle for e in self.entries.values())
+
+    def install(self, m: ServedModel, latency: LatencyModel, encode_cost: LatencyModel,
+                on_batch: Callable[[int, float], None]) -> ServedModel | None:
+        """Put ``m`` into service now; returns the version it replaced (retiring)."""
+        s, config = self.settings, ServingConfig.defaults(self.settings)
+        batcher = Batcher(
+            m.run, max_batch_size=config.max_batch_size,
+            max_queue_delay_s=config.max_queue_delay_ms / 1e3,
+            max_queue_size=config.max_queue_size, dynamic_batching=config.dynamic_batching,
+            instance_count=config.instance_count, latency=latency, on_batch=on_batch,
+            name=m.name, nice=s.inference_nice)
+        batcher.start()
+        old = self.entries.get(m.name)
+        self.entries[m.name] = ModelEntry(m, batcher, encode_cost, config)
+        self.models[m.name] = m
+        if old is not None:
+            self._retire(old)
+        self._changed()
+        return old.model if old is not None else None
+
+    def remove(self, name: str) -> ServedModel:
+        """Take ``name`` out of service; its batcher finishes what it holds (background)."""
+        entry = self.entries.pop(name)
+        del self.models[name]
+        self._retire(entry)
+        self._changed()
+        return entry.model
+
+    def _changed(self) -> None:
+        for listener in self.on_change:
+            listener()
+
+    def _retire(self, entry: ModelEntry) -> None:
+        grace_s = max(1.0, self.settings.default_timeout_ms / 1e3 * 4)
+        task = asyncio.get_running_loop().create_task(entry.batcher.drain(grace_s))
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    async def stop(self) -> None:
+        """Finish running batches, fail what is queued, release the threads."""
+        await asyncio.gather(*(e.batcher.stop() for e in self.entries.values()),
+                             *self._retiring, return_exceptions=True)
