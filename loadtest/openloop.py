@@ -448,7 +448,7 @@ class _Run:
                  timer: str) -> None:
         self.loop, self.addr = loop, addr
         self.schedule, self.max_connections, self.timeout_s = schedule, max_connections, timeout_s
-        self.raw = [_request_bytes(netloc, prefix, r) for r in requests]
+        self.raw = [request_bytes(netloc, prefix, r) for r in requests]
         self.rows = [int(r.candidates) for r in requests]
         times, stages = arrival_times(schedule, seed)
         n = len(times)
@@ -658,7 +658,7 @@ class _Run:
         return out
 
 
-def _request_bytes(netloc: str, prefix: str, r: RequestSpec) -> bytes:
+def request_bytes(netloc: str, prefix: str, r: RequestSpec) -> bytes:
     """The whole HTTP/1.1 request (head and body) as sent on the wire."""
     lines = [f"POST {prefix}{r.path} HTTP/1.1", f"Host: {netloc}",
              f"Content-Length: {len(r.body)}"]
@@ -670,7 +670,7 @@ def _request_bytes(netloc: str, prefix: str, r: RequestSpec) -> bytes:
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + r.body
 
 
-def _address(url: str) -> tuple[tuple[str, int], str, str]:
+def address(url: str) -> tuple[tuple[str, int], str, str]:
     """((ip, port), Host header, path prefix) of an ``http://`` URL."""
     u = urlsplit(url)
     if u.scheme != "http" or not u.hostname:
@@ -695,7 +695,7 @@ async def run_open_loop_async(url: str, requests: Sequence[RequestSpec],
     if max_connections < 1 or not timeout_s > 0:
         raise ValueError("need max_connections >= 1 and timeout_s > 0")
     loop = asyncio.get_running_loop()
-    addr, netloc, prefix = _address(url)
+    addr, netloc, prefix = address(url)
     run = _Run(loop, addr, netloc, prefix, requests, schedule, seed, max_connections,
                timeout_s, order, timer)
     old_handler = loop.get_exception_handler()

@@ -133,7 +133,7 @@ def http_json(url: str, timeout_s: float = 5.0) -> tuple[int, Any]:
 
 @dataclass
 class Server:
-    """A running ``mldcn serve`` child."""
+    """A running server child (``mldcn serve`` or a reference server)."""
 
     url: str
     proc: subprocess.Popen[bytes]
@@ -143,46 +143,90 @@ class Server:
     def log_tail(self, chars: int = 2000) -> str:
         return self.log_path.read_text(errors="replace")[-chars:]
 
+    def cpu_s(self) -> float:
+        """CPU seconds (user + system) of the server and all its descendants so far (Linux
+        /proc; 0 elsewhere): a reference server may run several processes (Triton)."""
+        tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        total, todo, seen = 0.0, [self.proc.pid], set()
+        while todo:
+            pid = todo.pop()
+            if pid in seen:
+                continue
+            seen.add(pid)
+            try:
+                with open(f"/proc/{pid}/stat", "rb") as f:
+                    fields = f.read().rsplit(b")", 1)[1].split()
+                total += (int(fields[11]) + int(fields[12])) / tick
+                for task in os.listdir(f"/proc/{pid}/task"):
+                    with open(f"/proc/{pid}/task/{task}/children", "rb") as f:
+                        todo += [int(c) for c in f.read().split()]
+            except (OSError, ValueError):
+                continue
+        return total
+
 
 @contextlib.contextmanager
-def serve(repo: Path, model: str, slo_ms: float, cores: Sequence[int] = (),
-          extra_args: Sequence[str] = ()) -> Iterator[Server]:
-    """Run ``mldcn serve`` with one model on a free loopback port until the block ends."""
-    port = free_port()
-    fd, log_name = tempfile.mkstemp(prefix=f"mldcn-loadtest-{model}-", suffix=".log")
+def launch(cmd: Sequence[str], name: str, cores: Sequence[int] = (),
+           env: dict[str, str] | None = None, ready_path: str = "/v2/health/ready",
+           port: int | None = None, start_timeout_s: float = SERVER_START_TIMEOUT_S
+           ) -> Iterator[Server]:
+    """Run ``cmd`` (a server listening on 127.0.0.1:``port``) in its own process group,
+    pinned to ``cores``, until ``GET ready_path`` answers 200; kill its group when the block
+    ends. LoadTestError (one line, naming the log) if it exits or is not ready in time."""
+    port = free_port() if port is None else port
+    fd, log_name = tempfile.mkstemp(prefix=f"mldcn-{name}-", suffix=".log")
     os.close(fd)
     log_path = Path(log_name)
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("MLDCN_") and k != "PROMETHEUS_MULTIPROC_DIR"}
-    cmd = [sys.executable, "-m", "model", "serve", "--repo", str(Path(repo).resolve()),
-           "--models", model,
-           "--host", "127.0.0.1", "--port", str(port), "--default-timeout-ms", f"{slo_ms:g}",
-           "--timeout-action", "reject", "--log-level", "warning", *extra_args]
-    if cores:
-        cmd += ["--intra-op-threads", str(len(cores))]
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                cwd=REPO_ROOT, start_new_session=True,
-                                preexec_fn=_pin(cores))
+        proc = subprocess.Popen(list(cmd), stdout=log, stderr=subprocess.STDOUT,
+                                env=os.environ.copy() if env is None else env, cwd=REPO_ROOT,
+                                start_new_session=True, preexec_fn=_pin(cores))
     server = Server(f"http://127.0.0.1:{port}", proc, log_path, list(cores))
     try:
-        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+        deadline = time.monotonic() + start_timeout_s
         while True:
             if proc.poll() is not None:
-                raise LoadTestError(f"mldcn serve for {model!r} exited with status "
-                                    f"{proc.returncode}: {last_line(server.log_tail())} "
-                                    f"(log: {log_path})")
-            if http_json(server.url + "/v2/health/ready", timeout_s=1.0)[0] == 200:
+                raise LoadTestError(f"{name} exited with status {proc.returncode}: "
+                                    f"{last_line(server.log_tail())} (log: {log_path})")
+            if http_json(server.url + ready_path, timeout_s=1.0)[0] == 200:
                 break
             if time.monotonic() > deadline:
-                raise LoadTestError(f"mldcn serve for {model!r} not ready after "
-                                    f"{SERVER_START_TIMEOUT_S:.0f} s")
+                raise LoadTestError(f"{name} not ready after {start_timeout_s:.0f} s "
+                                    f"(log: {log_path})")
             time.sleep(0.2)
         yield server
     finally:
         kill_group(proc)
         if sys.exc_info()[0] is None:
             log_path.unlink(missing_ok=True)  # kept when something went wrong
+
+
+def serve_command(repo: Path, model: str, slo_ms: float, port: int, cores: Sequence[int] = (),
+                  extra_args: Sequence[str] = ()) -> list[str]:
+    """The ``mldcn serve`` command line of a load test: one model, ``reject``, quiet."""
+    cmd = [sys.executable, "-m", "model", "serve", "--repo", str(Path(repo).resolve()),
+           "--models", model,
+           "--host", "127.0.0.1", "--port", str(port), "--default-timeout-ms", f"{slo_ms:g}",
+           "--timeout-action", "reject", "--log-level", "warning", *extra_args]
+    if cores:
+        cmd += ["--intra-op-threads", str(len(cores))]
+    return cmd
+
+
+def clean_env() -> dict[str, str]:
+    """This process's environment without MLDCN_* settings or a Prometheus folder."""
+    return {k: v for k, v in os.environ.items()
+            if not k.startswith("MLDCN_") and k != "PROMETHEUS_MULTIPROC_DIR"}
+
+
+@contextlib.contextmanager
+def serve(repo: Path, model: str, slo_ms: float, cores: Sequence[int] = (),
+          extra_args: Sequence[str] = ()) -> Iterator[Server]:
+    """Run ``mldcn serve`` with one model on a free loopback port until the block ends."""
+    port = free_port()
+    with launch(serve_command(repo, model, slo_ms, port, cores, extra_args),
+                f"mldcn serve for {model!r}", cores, clean_env(), port=port) as server:
+        yield server
 
 
 def run_locust(url: str, pool_path: Path, schedule: ArrivalSchedule, out_prefix: Path,

@@ -110,12 +110,12 @@ class CategoricalEncoder:
         self._memo: dict[Any, int] = {}
         if spec.encoding == "vocab":
             self.vocab: list[str] = list(vocab or [])
-            self._index = {v: i + 1 for i, v in enumerate(self.vocab)}
-            self._lookup: dict[Any, int] = {**_numeric_aliases(self._index), **self._index}
+            # one table: the vocabulary's strings, plus the int/float forms of the numeric ones
+            self._lookup: dict[Any, int] = {v: i + 1 for i, v in enumerate(self.vocab)}
+            self._lookup.update(_numeric_aliases(self._lookup))
             self.cardinality = len(self.vocab) + 1
         else:
             self.vocab = []
-            self._index = {}
             self._lookup = self._memo
             assert spec.buckets is not None  # checked by FieldSpec
             self.cardinality = spec.buckets
@@ -126,7 +126,7 @@ class CategoricalEncoder:
         if found is not None:
             return found
         if self.spec.encoding == "vocab":
-            return 0 if _is_plain(value) else self._index.get(canonical_category(value), 0)
+            return 0 if _is_plain(value) else self._lookup.get(canonical_category(value), 0)
         return self._hash_id(value)
 
     def _hash_id(self, value: Any) -> int:
@@ -161,7 +161,7 @@ class CategoricalEncoder:
         return {"name": self.spec.name, "cardinality": self.cardinality, "vocab": self.vocab}
 
 
-HASH_MEMO_SIZE = 1 << 16  # memoised hash ids per field (cleared when full)
+HASH_MEMO_SIZE = 1 << 14  # memoised hash ids per field (cleared when full: a fraction of a ms)
 _PLAIN_TYPES = {str, int, float, bool, type(None)}
 
 
@@ -170,12 +170,12 @@ def _is_plain(value: Any) -> bool:
     return value.__class__ in _PLAIN_TYPES
 
 
-def _numeric_aliases(index: Mapping[str, int]) -> dict[Any, int]:
+def _numeric_aliases(index: Mapping[Any, int]) -> dict[Any, int]:
     """``{3: id, 2.5: id}`` for the vocabulary strings that are the canonical form of a
     number (``str(int)`` for integers, ``repr(float)`` for other floats but NaN)."""
     out: dict[Any, int] = {}
     for v, i in index.items():
-        if not v or not (v[0].isdigit() or v[0] in "-i"):
+        if not isinstance(v, str) or not v or not (v[0].isdigit() or v[0] in "-i"):
             continue
         try:
             as_int = int(v)

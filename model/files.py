@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import platform
 from pathlib import Path
+from typing import Any
 
 
 def sha256_file(path: str | Path, block: int = 1 << 20) -> str:
@@ -25,3 +27,13 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or ""
+
+
+def write_result(path: str | Path, result: dict[str, Any], table: str) -> dict[str, Any]:
+    """Write a benchmark's JSON to ``path`` and print its table; returns ``result``."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(table)
+    print(f"wrote {out}")
+    return result

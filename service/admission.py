@@ -9,6 +9,9 @@ scoring path asks it twice, with what it knows at the time:
    score it soonest, for as many rows as its Content-Length must hold at least (the body's
    bytes over the most bytes per candidate seen in the last :data:`BODY_WINDOW` requests; 1
    before any), so that under overload a request that nothing could serve costs no parsing;
+   one in :data:`PROBE_EVERY` of the bodies refused only for that estimate (one row would
+   have been admitted) is read anyway, so that a client whose bodies hold more bytes per
+   candidate than any seen so far is learnt instead of being refused for good;
 2. once the body is parsed (model, rows, the body's own timeout): the real decision, whose
    prediction the request carries to the end (:meth:`observe`).
 
@@ -19,18 +22,22 @@ What a request really waits is a little more: the event loop's hops to the batch
 and the answer (a fixed cost), and the cores it shares with the front end (a share of the
 time). So admission fits ``actual ≈ overhead + slope × work ahead`` by least squares over the
 last ``latency_window`` requests scored in time (:func:`fit_line`), and adds a *margin* for
-how wrong a prediction can be right now, read from the same requests' errors (actual −
-fitted): each error relative to its fitted time plus a scheduling quantum ``J`` (the median
-absolute error, at least :data:`MIN_JITTER_S`), and the ``admission_quantile`` (default
-0.99) of these relative errors times the new request's fitted time plus ``J``. So a small
-request gets a margin of a few milliseconds of scheduling noise, a request behind a deep
-queue one in proportion to its wait, and a margin learnt under heavy load does not make an
-idle server refuse the next small request. A request that misses its deadline anyway
-(its true time is unknown: it was dropped at the deadline) raises a *penalty* on the fitted
-time by :data:`MISS_PENALTY` (at most :data:`MAX_PENALTY`), which decays back to 1 with a
-half-life of :data:`PENALTY_HALF_LIFE_S`: after a sudden jump in load the next requests are
-admitted with care, and without new misses the caution fades within a second or two, whether
-or not anything was admitted meanwhile. ``admission_safety_factor`` multiplies the whole.
+how wrong a prediction can be right now: the ``admission_quantile`` (default 0.99) of the
+fitted line's errors (actual − fitted) among the recent requests that were decided under the
+same load, i.e. with about as many scoring requests in flight as now (octaves 1, 2–3, 4–7, …:
+:func:`load_band`; when this band has fewer than :data:`MIN_OBSERVATIONS` errors, the nearest
+quieter band's, else none, as before anything was learnt). What makes a prediction wrong on
+one core is
+mostly the front end's work for the other requests in flight (their parsing, encoding and
+answers share the core with ONNX Runtime), so errors learnt under heavy load apply to heavy
+load, and an idle server does not refuse the next small request for them. A request that
+misses its deadline anyway (its true time is unknown: it was dropped at the deadline) raises a
+*penalty* on the fitted
+time by :data:`MISS_PENALTY` (at most :data:`MAX_PENALTY`; the misses of one stall, within
+:data:`MISS_BURST_S` of each other, count once), which decays back to 1 with a half-life of
+:data:`PENALTY_HALF_LIFE_S`: after a sudden jump in load the next requests are admitted with
+care, and without new misses the caution fades within a second, whether or not anything was
+admitted meanwhile. ``admission_safety_factor`` multiplies the whole.
 Everything starts neutral (overhead 0, slope 1, no margin, penalty 1), and what is older than
 :data:`MEMORY_S` is forgotten (refitted at least every :data:`REFIT_S`). A request admitted
 this way misses its deadline only when reality is slower than nearly all recent predictions,
@@ -41,10 +48,13 @@ Example:
     0.0025
     >>> fit_line([1.0, 2.0, 3.0], [1.5, 2.6, 3.7])
     (0.4, 1.1)
+    >>> [load_band(n) for n in (1, 2, 3, 4, 7, 8, 1000)]
+    [0, 1, 1, 2, 2, 3, 7]
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections import deque
@@ -62,15 +72,19 @@ if TYPE_CHECKING:
     from service.registry import ModelRegistry
     from service.settings import Settings
 
+log = logging.getLogger("uvicorn.error")
+
 MIN_OBSERVATIONS = 16
 MIN_SLOPE, MAX_SLOPE = 0.5, 5.0
 REFIT_EVERY = 64  # observations between two refits (the first once MIN_OBSERVATIONS came)
 REFIT_S = 0.25  # ... and at most this long between two, so that old observations age out
 MEMORY_S = 2.0  # observations older than this are forgotten
-MIN_JITTER_S = 0.001  # the smallest scheduling quantum of the margin
+BANDS = 8  # load bands: 1, 2-3, 4-7, ..., 128+ requests in flight
 MISS_PENALTY, MAX_PENALTY = 1.25, 5.0
-PENALTY_HALF_LIFE_S = 0.5
+PENALTY_HALF_LIFE_S = 0.25
+MISS_BURST_S = 0.05  # misses this close together (one stall of the machine) raise it once
 BODY_WINDOW = 64  # recent requests whose bytes per candidate bound the rows of a new one
+PROBE_EVERY = 16  # of the bodies refused on arrival for their size, one is read anyway
 
 
 def quantile(values: Sequence[float], q: float) -> float:
@@ -82,6 +96,12 @@ def quantile(values: Sequence[float], q: float) -> float:
     lo = math.floor(pos)
     hi = min(lo + 1, len(xs) - 1)
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def load_band(in_flight: int) -> int:
+    """The load band of a decision made with ``in_flight`` scoring requests in flight
+    (octaves: 1, 2-3, 4-7, ..., the last one open)."""
+    return min(max(int(in_flight), 1).bit_length() - 1, BANDS - 1)
 
 
 def fit_line(work: Sequence[float] | np.ndarray, actual: Sequence[float] | np.ndarray
@@ -112,21 +132,21 @@ class Decision:
     work_s: float  # the work ahead it was predicted from (Admission.work_s)
     decided_s: float
     budget_s: float  # seconds left at the decision
+    band: int = 0  # the load band it was decided in (load_band)
 
 
 @dataclass(frozen=True, slots=True)
 class Learnt:
-    """What admission learnt of one model: its fitted line and its margin."""
+    """What admission learnt of one model: its fitted line and a margin per load band."""
 
     overhead_s: float = 0.0
     slope: float = 1.0
-    relative_margin: float = 0.0  # the quantile of error / (fitted + jitter)
-    jitter_s: float = 0.0
+    margins_s: tuple[float, ...] = (0.0,) * BANDS
 
-    def predict(self, work_s: float, penalty: float = 1.0) -> float:
-        """Fitted seconds for ``work_s`` seconds of work ahead, penalty and margin included."""
-        fitted = (self.overhead_s + self.slope * work_s) * penalty
-        return fitted + self.relative_margin * (fitted + self.jitter_s)
+    def predict(self, work_s: float, band: int = 0, penalty: float = 1.0) -> float:
+        """Fitted seconds for ``work_s`` seconds of work ahead decided in load band
+        ``band``, penalty and margin included."""
+        return (self.overhead_s + self.slope * work_s) * penalty + self.margins_s[band]
 
 
 NEUTRAL = Learnt()
@@ -140,23 +160,27 @@ class Admission:
             and safety factor).
         registry: the models serving, with their batchers, encoding-cost models and serving
             configs (queue size, timeout action).
+        in_flight: the number of scoring requests in flight now (the load of a decision).
         clock: ``time.monotonic`` (tests pass their own).
     """
 
     def __init__(self, settings: Settings, registry: ModelRegistry,
+                 in_flight: Callable[[], int] = lambda: 1,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.settings = settings
         self.registry = registry
+        self.in_flight = in_flight
         self.clock = clock
         self._window = settings.latency_window
-        # (finished at, work ahead, actual) of recent admitted requests, per model
-        self._seen: dict[str, deque[tuple[float, float, float]]] = {}
+        # (finished at, work ahead, actual, load band) of recent admitted requests, per model
+        self._seen: dict[str, deque[tuple[float, float, float, int]]] = {}
         self._learnt: dict[str, Learnt] = {}
         self._since_fit: dict[str, int] = {}
         self._fitted_at: dict[str, float] = {}
         self._penalty: dict[str, tuple[float, float]] = {}  # (penalty, when it was last set)
         self._bytes_per_row: dict[str, deque[float]] = {}  # by route
         self._most_bytes_per_row: dict[str, float] = {}
+        self._size_refusals: dict[str, int] = {}
 
     # -- prediction ----------------------------------------------------------------------------
     def work_s(self, model: ServedModel, rows: int, now_s: float) -> float:
@@ -173,7 +197,8 @@ class Admission:
         """Predicted seconds from now until ``rows`` rows of ``model`` are scored, margin and
         safety factor included."""
         now_s = self.clock() if now_s is None else now_s
-        return self._predicted(model.name, self.work_s(model, rows, now_s), now_s)
+        band = load_band(self.in_flight())
+        return self._predicted(model.name, self.work_s(model, rows, now_s), band, now_s)
 
     def penalty(self, name: str, now_s: float | None = None) -> float:
         """The miss penalty of ``name`` now (see the module docstring)."""
@@ -183,8 +208,9 @@ class Admission:
         now_s = self.clock() if now_s is None else now_s
         return 1.0 + (value - 1.0) * 0.5 ** (max(0.0, now_s - since) / PENALTY_HALF_LIFE_S)
 
-    def _predicted(self, name: str, work_s: float, now_s: float | None = None) -> float:
-        return (self.learnt(name).predict(work_s, self.penalty(name, now_s))
+    def _predicted(self, name: str, work_s: float, band: int, now_s: float | None = None
+                   ) -> float:
+        return (self.learnt(name).predict(work_s, band, self.penalty(name, now_s))
                 * self.settings.admission_safety_factor)
 
     def _age(self, name: str, now_s: float) -> None:
@@ -194,33 +220,42 @@ class Admission:
 
     # -- the decision --------------------------------------------------------------------------
     def decide(self, model: ServedModel, rows: int, now_s: float, deadline_s: float,
-               can_degrade: bool = True) -> Decision:
+               can_degrade: bool = True, what: str | None = None) -> Decision:
         """Admit ``rows`` rows of ``model`` (or of the fallback, under ``degrade``) so that
-        they are scored by ``deadline_s``; ServiceError 503 otherwise."""
+        they are scored by ``deadline_s``; ServiceError 503 otherwise (its message names the
+        request as ``what``, by default its candidates)."""
         served = self.registry.get(model.name)
         if served.batcher.queue_depth >= served.config.max_queue_size:
             raise ServiceError(503, "queue_full", f"model {model.name!r} has "
                                f"{served.batcher.queue_depth} requests queued (max_queue_size)",
                                headers={"Retry-After": "1"})
         budget = deadline_s - now_s
+        band = load_band(self.in_flight())
         self._age(model.name, now_s)
         work = self.work_s(model, rows, now_s)
-        predicted = self._predicted(model.name, work, now_s)
+        predicted = self._predicted(model.name, work, band, now_s)
         if predicted <= budget:
-            return Decision(model, False, predicted, work, now_s, budget)
+            return Decision(model, False, predicted, work, now_s, budget, band)
         fallback = self.registry.models.get(self.settings.fallback_model or "")
         if (served.config.timeout_action == "degrade" and can_degrade and fallback is not None
                 and fallback is not model):
             fb = self.registry.get(fallback.name)
             self._age(fallback.name, now_s)
             fb_work = self.work_s(fallback, rows, now_s)
-            fb_pred = self._predicted(fallback.name, fb_work, now_s)
+            fb_pred = self._predicted(fallback.name, fb_work, band, now_s)
             if fb.batcher.queue_depth < fb.config.max_queue_size and fb_pred <= budget:
-                return Decision(fallback, True, fb_pred, fb_work, now_s, budget)
+                return Decision(fallback, True, fb_pred, fb_work, now_s, budget, band)
         left_ms = max(0.0, budget * 1e3)
+        if log.isEnabledFor(logging.DEBUG):
+            learnt = self.learnt(model.name)
+            log.debug("refused %d rows of %s: work %.2f ms, line %.2f ms + %.3f x, margin "
+                      "%.2f ms (band %d), penalty %.2f, predicted %.2f ms, %.2f ms left", rows,
+                      model.name, work * 1e3, learnt.overhead_s * 1e3, learnt.slope,
+                      learnt.margins_s[band] * 1e3, band, self.penalty(model.name, now_s),
+                      predicted * 1e3, left_ms)
         raise ServiceError(
             503, "predicted_deadline_miss",
-            f"{rows} candidates are predicted to take {predicted * 1e3:.1f} ms, "
+            f"{what or f'{rows} candidates are'} predicted to take {predicted * 1e3:.1f} ms, "
             f"{left_ms:.1f} ms of the budget are left",
             headers={"Retry-After": str(retry_after_s(predicted))})
 
@@ -240,7 +275,21 @@ class Admission:
             room = [m for m in models.values() if entries[m.name].batcher.queue_depth
                     < entries[m.name].config.max_queue_size] or list(models.values())
             best = min(room, key=lambda m: self.predict_s(m, rows, now_s))
-        return self.decide(best, rows, now_s, deadline_s, can_degrade=False)
+        what = f"a {body_bytes}-byte body (at least {rows} candidates) is" if rows > 1 else None
+        try:
+            return self.decide(best, rows, now_s, deadline_s, can_degrade=False, what=what)
+        except ServiceError as e:
+            if rows > 1 and e.error == "predicted_deadline_miss":
+                # refused for its estimated size only: now and then, read such a body, so
+                # that bodies with more bytes per candidate than seen so far are learnt
+                self._size_refusals[route] = n = self._size_refusals.get(route, 0) + 1
+                if n % PROBE_EVERY == 0:
+                    try:
+                        self.decide(best, 1, now_s, deadline_s, can_degrade=False)
+                    except ServiceError:
+                        raise e from None
+                    return None
+            raise
 
     def rows_at_least(self, route: str, body_bytes: int | None) -> int:
         """The fewest candidates a body of ``body_bytes`` bytes on ``route`` can hold, judged
@@ -269,11 +318,13 @@ class Admission:
         deadline then: learn how far its prediction was from reality."""
         name = decision.model.name
         if missed:
-            penalty = min(self.penalty(name, done_s) * MISS_PENALTY, MAX_PENALTY)
-            self._penalty[name] = (penalty, done_s)
+            value, since = self._penalty.get(name, (1.0, -math.inf))
+            if done_s - since >= MISS_BURST_S:
+                penalty = min(self.penalty(name, done_s) * MISS_PENALTY, MAX_PENALTY)
+                self._penalty[name] = (penalty, done_s)
             return
         self._seen.setdefault(name, deque(maxlen=self._window)).append(
-            (done_s, decision.work_s, done_s - decision.decided_s))
+            (done_s, decision.work_s, done_s - decision.decided_s, decision.band))
         self._fitted_at.setdefault(name, done_s)
         count = self._since_fit.get(name, 0) + 1
         if count >= REFIT_EVERY or (count >= MIN_OBSERVATIONS and name not in self._learnt):
@@ -289,15 +340,20 @@ class Admission:
         if not seen or len(seen) < MIN_OBSERVATIONS:
             self._learnt.pop(name, None)
             return
-        points = np.array([(w, a) for _, w, a in seen])
-        work, actual = points[:, 0], points[:, 1]
+        points = np.array([(w, a, b) for _, w, a, b in seen])
+        work, actual, bands = points[:, 0], points[:, 1], points[:, 2].astype(int)
         overhead, slope = fit_line(work, actual)
-        fitted = overhead + slope * work
-        errors = actual - fitted
-        jitter = max(MIN_JITTER_S, float(np.median(np.abs(errors))))
-        relative = errors / (fitted + jitter)
-        margin = max(0.0, float(np.quantile(relative, self.settings.admission_quantile)))
-        self._learnt[name] = Learnt(overhead, slope, margin, jitter)
+        errors = actual - (overhead + slope * work)
+        q = self.settings.admission_quantile
+        own = [errors[bands == b] for b in range(BANDS)]
+        quantiles = [float(np.quantile(e, q)) if len(e) >= MIN_OBSERVATIONS else None
+                     for e in own]
+        margins = []
+        for b in range(BANDS):  # this band's, else the nearest quieter one's, else none
+            found = next((quantiles[k] for k in range(b, -1, -1) if quantiles[k] is not None),
+                         None)
+            margins.append(max(0.0, found) if found is not None else 0.0)
+        self._learnt[name] = Learnt(overhead, slope, tuple(margins))
 
     def forget(self, name: str) -> None:
         """``name`` left service: what was learnt of it goes too."""

@@ -111,6 +111,7 @@ def take_batch(
     now_s: float,
     merge: bool = True,
     estimate_s: Callable[[int], float] = lambda rows: 0.0,
+    batch: tuple[int, float] = (0, math.inf),
 ) -> tuple[list[Part], list[WorkItem]]:
     """Move up to ``max_rows`` rows from the head of ``queue`` into one batch.
 
@@ -118,7 +119,11 @@ def take_batch(
     at the head with its remaining rows. Cancelled requests are dropped; requests not yet started
     whose deadline cannot be met (``now_s + estimate_s(rows) > deadline``), and started ones
     whose deadline has passed, are removed and returned as ``expired``. Without ``merge`` the
-    batch holds one request (or one chunk of it).
+    batch holds one request (or one chunk of it). With it, the next request joins only when
+    that pays and harms no one (:func:`worth_merging`: the compute it saves, one batch's fixed
+    cost, is at least the time it adds to the batch, and the batch still ends before the
+    earliest deadline in it); else it waits for the next batch. ``batch`` is (rows, earliest
+    deadline) of a batch being filled already.
 
     Example:
         >>> loop = asyncio.new_event_loop()
@@ -129,11 +134,16 @@ def take_batch(
         >>> parts, expired = take_batch(q, 5, now_s=1.0)
         >>> [(p[0].rows, p[1], p[2]) for p in parts], [e.rows for e in expired], len(q)
         ([(3, 0, 3), (4, 0, 2)], [1], 1)
+        >>> q = deque([item(3), item(4)])  # 1 ms per row, no fixed cost: merging never pays
+        >>> parts, _ = take_batch(q, 10, now_s=1.0, estimate_s=lambda rows: 0.001 * rows)
+        >>> [p[0].rows for p in parts], len(q)
+        ([3], 1)
         >>> loop.close()
     """
     parts: list[Part] = []
     expired: list[WorkItem] = []
     room = max_rows
+    rows, earliest = batch
     while queue and room > 0:
         item = queue[0]
         if item.future.done():  # cancelled by its client (or failed)
@@ -147,14 +157,40 @@ def take_batch(
             expired.append(item)
             continue
         k = min(left, room)
+        if rows and not worth_merging(rows, k, now_s, min(earliest, item.deadline_s),
+                                      estimate_s):
+            break
         parts.append((item, item.taken, item.taken + k))
         item.taken += k
         room -= k
+        rows += k
+        earliest = min(earliest, item.deadline_s)
         if item.taken == item.rows:
             queue.popleft()
         if not merge:
             break
     return parts, expired
+
+
+def worth_merging(rows: int, more: int, now_s: float, deadline_s: float,
+                  estimate_s: Callable[[int], float]) -> bool:
+    """Should ``more`` rows join a batch of ``rows``? When running them alone would cost at
+    least twice what they add to the batch (what merging saves, a batch's fixed cost, is at
+    least the delay it imposes on the rows already in it), and the grown batch still ends by
+    ``deadline_s``. On a GPU (a large fixed cost per call) requests merge; on a CPU, where
+    the cost is per row, a 300-row request waits for the next batch instead of delaying this
+    one by its whole compute time.
+
+    Example:
+        >>> gpu = lambda n: 0.002 + 1e-7 * n  # 2 ms per call, 0.1 us per row
+        >>> cpu = lambda n: 0.00002 + 3e-6 * n  # 20 us per call, 3 us per row
+        >>> worth_merging(300, 300, 0.0, 1.0, gpu), worth_merging(300, 300, 0.0, 1.0, cpu)
+        (True, False)
+        >>> worth_merging(300, 2, 0.0, 1.0, cpu), worth_merging(300, 300, 0.0, 0.002, gpu)
+        (True, False)
+    """
+    added = estimate_s(rows + more) - estimate_s(rows)
+    return estimate_s(more) >= 2 * added and now_s + estimate_s(rows + more) <= deadline_s
 
 
 class Batcher:
@@ -206,8 +242,10 @@ class Batcher:
         self._running: dict[int, float] = {}  # batch id -> predicted end (monotonic)
         self._ids = itertools.count()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._event_loop: asyncio.AbstractEventLoop | None = None  # set by start()
         self._inline_done = asyncio.Event()  # clear while a batch runs inside the loop task
         self._inline_done.set()
+        self._holding = False  # rows taken from the queue, waiting for more (queue delay)
         self._loop_task: asyncio.Task[None] | None = None
         self._executor = ThreadPoolExecutor(instance_count, thread_name_prefix=f"ort-{name}",
                                             initializer=lower_thread_priority, initargs=(nice,))
@@ -227,21 +265,23 @@ class Batcher:
 
         The batch still running (when every instance is busy), the rows queued ahead, this
         request's rows, each batch's fixed cost, and the queue delay. Concurrent instances are
-        not assumed to speed anything up (on CPU they share the same cores).
+        not assumed to speed anything up (on CPU they share the same cores). Requests count as
+        merged into shared batches when merging pays for a request of this size
+        (:func:`worth_merging`), else as a batch each.
         """
         now_s = time.monotonic() if now_s is None else now_s
         lm = self.latency
+        lm.predict(0)  # refresh the fit
         busy = 0.0
         if len(self._running) >= self.instance_count:
             busy = max(0.0, min(self._running.values()) - now_s)
         total_rows = self._queued_rows + rows
-        if self.dynamic_batching:
+        if self.dynamic_batching and lm.fixed_s >= lm.per_row_s * rows:
             batches = math.ceil(total_rows / self.max_batch_size)
             delay = self.max_queue_delay_s
         else:
             batches = len(self._queue) + math.ceil(rows / self.max_batch_size)
             delay = 0.0
-        lm.predict(0)  # refresh the fit
         return busy + delay + batches * lm.fixed_s + lm.per_row_s * total_rows
 
     # -- requests -----------------------------------------------------------------------------
@@ -255,8 +295,8 @@ class Batcher:
             raise QueueFull(f"queue holds {len(self._queue)} requests (max_queue_size)")
         if len(cat) != len(dense):
             raise ValueError(f"cat_ids has {len(cat)} rows, dense has {len(dense)}")
-        item = WorkItem(cat, dense, deadline_s, asyncio.get_running_loop().create_future(),
-                        time.monotonic())
+        loop = self._event_loop or asyncio.get_running_loop()
+        item = WorkItem(cat, dense, deadline_s, loop.create_future(), time.monotonic())
         if item.rows == 0:
             item.future.set_result(item.out)
             return item
@@ -269,13 +309,18 @@ class Batcher:
     def start(self) -> None:
         """Start the batch loop on the running event loop."""
         if self._loop_task is None:
-            self._loop_task = asyncio.get_running_loop().create_task(self._loop())
+            self._event_loop = asyncio.get_running_loop()
+            self._loop_task = self._event_loop.create_task(self._loop())
 
     async def stop(self) -> None:
         """Finish the running batches, fail what is still queued, stop the threads."""
         if self._loop_task is not None:
-            while not self._inline_done.is_set():  # the batch running in the loop task
-                await self._inline_done.wait()
+            # the batch running in the loop task, or being collected (max_queue_delay_s)
+            while self._holding or not self._inline_done.is_set():
+                if self._holding:
+                    await asyncio.sleep(0.001)
+                else:
+                    await self._inline_done.wait()
             self._loop_task.cancel()
             try:
                 await self._loop_task
@@ -294,7 +339,8 @@ class Batcher:
     @property
     def idle(self) -> bool:
         """Nothing queued and no batch running."""
-        return not self._queue and not self._tasks and self._inline_done.is_set()
+        return (not self._queue and not self._tasks and not self._holding
+                and self._inline_done.is_set())
 
     async def drain(self, timeout_s: float) -> bool:
         """Let the queued and running requests finish (at most ``timeout_s``), then stop.
@@ -310,9 +356,9 @@ class Batcher:
         await self.stop()
         return finished
 
-    def _take(self, max_rows: int) -> list[Part]:
+    def _take(self, max_rows: int, batch: tuple[int, float] = (0, math.inf)) -> list[Part]:
         parts, expired = take_batch(self._queue, max_rows, time.monotonic(),
-                                    self.dynamic_batching, self.latency.predict)
+                                    self.dynamic_batching, self.latency.predict, batch)
         # what is left: rows not taken yet (once per batch, O(queue))
         self._queued_rows = sum(i.rows - i.taken for i in self._queue)
         for item in expired:
@@ -331,7 +377,17 @@ class Batcher:
         if not (self.dynamic_batching and self.max_queue_delay_s > 0):
             return parts
         rows = sum(b - a for _, a, b in parts)
+        earliest = min(item.deadline_s for item, _, _ in parts)
         until = time.monotonic() + self.max_queue_delay_s
+        self._holding = True
+        try:
+            return await self._fill(parts, rows, earliest, until)
+        finally:
+            self._holding = False
+
+    async def _fill(self, parts: list[Part], rows: int, earliest: float, until: float
+                    ) -> list[Part]:
+        """Add queued rows to ``parts`` until the batch is full or ``until``."""
         while rows < self.max_batch_size:
             remaining = until - time.monotonic()
             if remaining <= 0:
@@ -342,9 +398,12 @@ class Batcher:
                     await asyncio.wait_for(self._wake.wait(), remaining)
                 except TimeoutError:
                     break
-            more = self._take(self.max_batch_size - rows)
+            more = self._take(self.max_batch_size - rows, (rows, earliest))
+            if not more:
+                break  # the next request does not merge: run what there is
             parts += more
             rows += sum(b - a for _, a, b in more)
+            earliest = min(earliest, *(item.deadline_s for item, _, _ in more))
         return parts
 
     async def _loop(self) -> None:
@@ -389,7 +448,7 @@ class Batcher:
                 dense = np.concatenate([i.dense[a:b] for i, a, b in parts])
             rows = len(cat)
             self._running[batch_id] = start + self.latency.predict(rows)
-            loop = asyncio.get_running_loop()
+            loop = self._event_loop or asyncio.get_running_loop()
             probs, compute_s = await loop.run_in_executor(self._executor, self._timed_run,
                                                           cat, dense)
             self.latency.observe(rows, time.monotonic() - start)

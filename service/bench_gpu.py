@@ -21,7 +21,6 @@ latency) and exported fp32 and fp16 into a temporary repository (needs the ``tra
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -136,21 +135,22 @@ def _parity(mv: Any, m: Any, sizes: list[int]) -> float:
 
 def _http(repo: Path, name: str, env: dict[str, str], sizes: list[int], runs: int
           ) -> dict[int, dict[str, float]]:
-    from service.bench import _bodies, _sequential_ms, _Server
+    """Sequential ``/v1/score`` latency through a real ``mldcn serve`` per candidate count."""
+    from export.repository import ModelRepository
+    from loadtest.bench_serve import request_pool, sequential_latencies
+    from loadtest.runner import clean_env, free_port, launch, serve_command
 
-    meta = json.loads((repo / name / str(max(
-        int(p.name) for p in (repo / name).iterdir() if p.name.isdigit())) / "model.json"
-    ).read_text())
-    server = _Server(repo, name, env)
+    meta = ModelRepository(repo).load_version(name).meta
+    port = free_port()
+    cmd = serve_command(repo, name, 1000.0, port)
     out = {}
-    try:
+    with launch(cmd, f"mldcn serve for {name!r}", (), {**clean_env(), **env},
+                port=port) as server:
         for n in sizes:
-            col, _ = _bodies(meta, n)
-            ms = _sequential_ms(server.port, col, runs)
+            ms = sequential_latencies(server.url, request_pool(meta, name, "v1", n, 8, n),
+                                      runs)
             out[n] = {"p50_ms": float(np.percentile(ms, 50)),
                       "p99_ms": float(np.percentile(ms, 99))}
-    finally:
-        server.close()
     return out
 
 
@@ -220,7 +220,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-    from service.bench import write_result
+    from model.files import write_result
 
     return write_result(args.out, result, format_table(result))
 

@@ -20,7 +20,7 @@ Example:
     >>> import tempfile
     >>> folder = Path(tempfile.mkdtemp())
     >>> a, b = Broadcast(folder, pid=1), Broadcast(folder, pid=2)
-    >>> a.register(); b.register()
+    >>> a.register(a.last_seq()); b.register(b.last_seq())
     >>> with a.exclusive():
     ...     seq = a.publish("load", "mldcn", 3)
     >>> [(x.seq, x.op, x.version) for x in b.pending()]
@@ -95,12 +95,12 @@ class Broadcast:
         self.pid = os.getpid() if pid is None else pid
         self.applied = 0  # the last action this worker applied (or published)
         self._results: dict[str, Any] = {}
-        self._seen_mtime = -1
 
     # -- membership ----------------------------------------------------------------------------
-    def register(self) -> None:
-        """Announce this worker (it will acknowledge actions from now on)."""
-        self.applied = self.last_seq()
+    def register(self, applied: int) -> None:
+        """Announce this worker, which serves what the actions up to ``applied`` leave (it
+        acknowledges the later ones as it applies them)."""
+        self.applied = applied
         self._write_ack()
 
     def unregister(self) -> None:
@@ -141,7 +141,8 @@ class Broadcast:
         return max(seqs, default=0)
 
     def publish(self, op: str, name: str, version: int | None) -> int:
-        """Publish an action this worker applied already (hold :meth:`exclusive`)."""
+        """Publish an action this worker applied already, after every earlier one (hold
+        :meth:`exclusive`, and apply :meth:`pending` first)."""
         seq = self.last_seq() + 1
         _write(self.folder / f"action-{seq:06d}.json",
                {"seq": seq, "op": op, "name": name, "version": version, "pid": self.pid})
@@ -158,27 +159,19 @@ class Broadcast:
                                   int(d["pid"])))
         return out
 
-    def desired(self) -> dict[str, int | None]:
-        """Model name -> the version the actions so far leave serving (None: unloaded)."""
+    def desired(self, upto: int | None = None) -> dict[str, int | None]:
+        """Model name -> the version the actions (up to ``upto``) leave serving (None:
+        unloaded)."""
         state: dict[str, int | None] = {}
         for a in self.actions():
-            state[a.name] = a.version if a.op == "load" else None
+            if upto is None or a.seq <= upto:
+                state[a.name] = a.version if a.op == "load" else None
         return state
 
     # -- following -----------------------------------------------------------------------------
     def pending(self) -> list[Action]:
-        """Actions published since this worker last applied one, in order (a stat of the
-        folder when nothing changed)."""
-        try:
-            mtime = os.stat(self.folder).st_mtime_ns
-        except OSError:
-            return []
-        if mtime == self._seen_mtime:
-            return []
-        out = [a for a in self.actions() if a.seq > self.applied]
-        if not out:
-            self._seen_mtime = mtime
-        return out
+        """Actions published since this worker last applied one, in order."""
+        return [a for a in self.actions() if a.seq > self.applied]
 
     def ack(self, seq: int, result: dict[str, Any]) -> None:
         """Record that this worker applied action ``seq`` with ``result``."""

@@ -9,7 +9,7 @@ it also points ``PROMETHEUS_MULTIPROC_DIR`` at a fresh folder so that ``/metrics
 every worker.
 
     mldcn serve --repo MODELS_DIR [--host H] [--port P] [--workers N] [--models a,b] ...
-    mldcn bench serve --repo MODELS_DIR [--model NAME] [--out docs/bench/serve.json]
+    mldcn bench serve --repo MODELS_DIR --models small=a,large=b [--servers v1,v2,fastapi,pytriton]
     mldcn bench gpu [--repo MODELS_DIR --models a,b] [--out docs/bench/gpu.json] [--allow-cpu]
 """
 
@@ -80,18 +80,31 @@ def add_serve_commands(sub: Any, bench_sub: Any | None = None) -> None:
     p.add_argument("--access-log", action="store_true", help="log every request")
     p.set_defaults(func=cmd_serve)
     if bench_sub is not None:
-        b = bench_sub.add_parser("serve", help="in-process ONNX Runtime vs HTTP latency, "
-                                               "throughput with and without the batcher")
-        b.add_argument("--repo", help="model repository (default: train and export a small "
-                                      "model into a temporary one)")
-        b.add_argument("--model", help="model name (default: the first)")
-        b.add_argument("--sizes", default="1,64,512,2048", help="candidates per request")
-        b.add_argument("--requests", type=int, default=200,
-                       help="sequential requests per size and format")
-        b.add_argument("--duration-s", type=float, default=5.0,
-                       help="seconds per saturation run")
-        b.add_argument("--concurrency", type=int, default=16,
-                       help="client connections in saturation runs")
+        b = bench_sub.add_parser(
+            "serve", help="this service vs a plain FastAPI scorer and PyTriton: own time "
+                          "outside ONNX Runtime, saturation, open-loop SLO-bounded throughput",
+            description="See loadtest/bench_serve.py.")
+        b.add_argument("--repo", required=True, help="model repository of the models")
+        b.add_argument("--models", required=True,
+                       help="SIZE=NAME,...: e.g. small=mldcn-small,large=mldcn-large")
+        b.add_argument("--servers", default="v1,v2,v2raw,fastapi,pytriton",
+                       help="of v1, v2, v2raw, fastapi, pytriton (default: all)")
+        b.add_argument("--candidates", type=int, default=300, help="candidates per request")
+        b.add_argument("--slo-ms", type=float, default=50.0, help="p99 SLO (and the budget)")
+        b.add_argument("--rates", default="0.1,0.2,0.25,0.3,0.35,0.4,0.45,0.5,0.55,0.6,0.7,0.8",
+                       help="open-loop rates, as fractions of the ONNX-Runtime-only capacity")
+        b.add_argument("--stop-after", type=int, default=2,
+                       help="end a server's sweep after this many rates miss the SLO")
+        b.add_argument("--step-s", type=float, default=8.0, help="seconds per open-loop rate")
+        b.add_argument("--min-requests", type=int, default=1500,
+                       help="make a rate's step long enough for this many arrivals")
+        b.add_argument("--max-step-s", type=float, default=30.0, help="... but at most this")
+        b.add_argument("--sequential", type=int, default=400,
+                       help="requests one at a time for the own time")
+        b.add_argument("--connections", type=int, default=8, help="saturation connections")
+        b.add_argument("--saturation-s", type=float, default=5.0, help="saturation seconds")
+        b.add_argument("--pool", type=int, default=64, help="distinct request bodies")
+        b.add_argument("--seed", type=int, default=0)
         b.add_argument("--out", default="docs/bench/serve.json", help="JSON output path")
         b.set_defaults(func=cmd_bench_serve)
         g = bench_sub.add_parser(
@@ -192,6 +205,6 @@ def cmd_bench_gpu(args: argparse.Namespace) -> None:
 
 
 def cmd_bench_serve(args: argparse.Namespace) -> None:
-    from service import bench
+    from loadtest import bench_serve
 
-    bench.main(args)
+    bench_serve.main(args)

@@ -65,6 +65,7 @@ class ModelControl:
         self.metrics = metrics
         self.roles = roles
         self._lock = asyncio.Lock()
+        self._catching = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
         self.refused: dict[str, set[int]] = {}  # versions polling will not try again
         self.broadcast = (Broadcast(settings.control_dir) if settings.control_dir is not None
@@ -78,9 +79,10 @@ class ModelControl:
             self._install(m, latency, encode_cost)
         loop = asyncio.get_running_loop()
         if self.broadcast is not None:  # a restarted worker serves what the others serve
-            for name, version in self.broadcast.desired().items():
+            seq = self.broadcast.last_seq()
+            for name, version in self.broadcast.desired(upto=seq).items():
                 await self._apply(name, version)
-            self.broadcast.register()
+            self.broadcast.register(applied=seq)  # later actions: followed and acknowledged
             self._tasks.append(loop.create_task(self._follow()))
         if self.settings.poll_interval_s > 0:
             self._tasks.append(loop.create_task(self._poll()))
@@ -137,6 +139,7 @@ class ModelControl:
                 return await apply()
         try:
             with self.broadcast.exclusive():
+                await self._catch_up()  # what others published before: applied first
                 async with self._lock:
                     out = await apply()
                 seq = self.broadcast.publish(op, out["name"], out["version"])
@@ -197,11 +200,13 @@ class ModelControl:
         log.info("unloaded %s version %d", name, m.version)
         return {"name": name, "version": None, "previous_version": m.version}
 
-    async def _apply(self, name: str, version: int | None) -> dict[str, Any]:
-        """Make ``name`` serve ``version`` here (None: unloaded), as another worker did."""
+    async def _apply(self, name: str, version: int | None, force: bool = False
+                     ) -> dict[str, Any]:
+        """Make ``name`` serve ``version`` here (None: unloaded), as another worker did;
+        ``force`` loads it even when that version serves already (a reload)."""
         current = self.registry.models.get(name)
-        if (current is None and version is None) or (
-                current is not None and current.version == version):
+        if not force and ((current is None and version is None) or (
+                current is not None and current.version == version)):
             return {"ok": True, "version": version}
         try:
             async with self._lock:
@@ -209,23 +214,35 @@ class ModelControl:
                     await self._unload(name)
                 else:
                     await self._load(name, version)
-        except ServiceError as e:
+        except Exception as e:  # refused here (ServiceError) or broken (e.g. out of memory)
+            why = e.message if isinstance(e, ServiceError) else f"{type(e).__name__}: {e}"
             log.error("could not follow %s of %s: %s", "unload" if version is None else
-                      f"load of version {version}", name, e.message)
-            return {"ok": False, "error": e.message}
+                      f"load of version {version}", name, why)
+            return {"ok": False, "error": why}
         return {"ok": True, "version": version}
 
     async def _follow(self) -> None:
         """Apply the actions other workers publish, in order, and acknowledge each."""
-        assert self.broadcast is not None
         while True:
             await asyncio.sleep(FOLLOW_INTERVAL_S)
+            if self._lock.locked():
+                continue  # an admin call of this worker runs (it catches up itself)
+            try:
+                await self._catch_up()
+            except Exception:  # the folder went away, say: keep following
+                log.exception("following the other workers' admin actions")
+
+    async def _catch_up(self) -> None:
+        """Apply (once) and acknowledge the actions published since the last one applied."""
+        assert self.broadcast is not None
+        async with self._catching:
             for action in self.broadcast.pending():
                 result = await self._apply_action(action)
                 self.broadcast.ack(action.seq, result)
 
     async def _apply_action(self, action: Action) -> dict[str, Any]:
-        return await self._apply(action.name, action.version if action.op == "load" else None)
+        return await self._apply(action.name, action.version if action.op == "load" else None,
+                                 force=True)
 
     def _open_validated(self, mv: ModelVersion) -> ServedModel:
         m = open_version(mv, self.settings)

@@ -255,9 +255,11 @@ class Edge:
     async def _infer(self, ctx: RequestContext, scope: Scope, receive: Receive, name: str,
                      version: str | None) -> tuple[bytes, bytes, dict[str, str]]:
         header_length = self._arrive(ctx, scope)
-        model = self.service.registry.lookup(name, version)  # 404 before the body is read
-        ctx.model = model.name
+        ctx.model = self.service.registry.lookup(name, version).name  # 404 before the body
         req = kserve.parse_request(await self._body(ctx, receive), header_length)
+        # the version serving now (a reload may have swapped it while the body came in):
+        # from here to the batcher nothing awaits, so one version encodes and scores
+        model = self.service.registry.lookup(name, version)
         encoded = any(t.name in INPUT_NAMES for t in req.inputs)
         n, encode = (kserve.encoded_inputs if encoded else kserve.raw_inputs)(model, req.inputs)
         if n == 0:

@@ -62,6 +62,7 @@ from typing import Any
 import numpy as np
 
 from export.repository import INPUT_NAMES, OUTPUT_NAME
+from service.encode import RequestError
 from service.errors import ServiceError
 from service.models import Encode, ServedModel
 
@@ -112,21 +113,39 @@ def encode_bytes_elements(items: list[str] | list[bytes]) -> bytes:
 
 
 def _decode_bytes(raw: bytes, count: int, name: str) -> np.ndarray:
-    out, pos = [], 0
+    """``count`` length-prefixed UTF-8 elements. Elements of one width (fixed-size ids) are
+    cut from one decoded string; other ASCII data is sliced from one decoded string too;
+    anything else is decoded element by element."""
+    if count and len(raw) % count == 0 and len(raw) // count >= 4:
+        width = len(raw) // count - 4
+        rows = np.frombuffer(raw, dtype=np.uint8).reshape(count, width + 4)
+        if (rows[:, :4].copy().view("<u4") == width).all():
+            text = rows[:, 4:].tobytes()
+            if text.isascii():
+                s = text.decode("ascii")
+                return np.array([s[i:i + width] for i in range(0, len(s), width)] if width
+                                else [""] * count, dtype=object)
+    out: list[str] = []
+    append, unpack = out.append, struct.unpack_from
+    text = raw.decode("latin-1") if raw.isascii() else None  # a byte is a character
+    pos, size = 0, len(raw)
     for _ in range(count):
-        if pos + 4 > len(raw):
+        if pos + 4 > size:
             raise bad(f"{name}: binary BYTES data ends inside element {len(out)}", name)
-        (n,) = struct.unpack_from("<I", raw, pos)
+        (n,) = unpack("<I", raw, pos)
         pos += 4
-        if pos + n > len(raw):
+        if pos + n > size:
             raise bad(f"{name}: binary BYTES element {len(out)} runs past the data", name)
-        try:
-            out.append(raw[pos:pos + n].decode())
-        except UnicodeDecodeError:
-            raise bad(f"{name}: element {len(out)} is not UTF-8", name) from None
+        if text is not None:
+            append(text[pos:pos + n])
+        else:
+            try:
+                append(raw[pos:pos + n].decode())
+            except UnicodeDecodeError:
+                raise bad(f"{name}: element {len(out)} is not UTF-8", name) from None
         pos += n
-    if pos != len(raw):
-        raise bad(f"{name}: {len(raw) - pos} bytes left after {count} BYTES elements", name)
+    if pos != size:
+        raise bad(f"{name}: {size - pos} bytes left after {count} BYTES elements", name)
     return np.array(out, dtype=object)
 
 
@@ -170,7 +189,10 @@ def decode_tensor(spec: Any, raw: bytes | None) -> Tensor:
         if not isinstance(spec.get("data"), list):
             raise bad(f"{name}: data must be a list (or give parameters.binary_data_size)",
                       name)
-        flat = _flatten(spec["data"])
+        try:
+            flat = _flatten(spec["data"])
+        except RecursionError:
+            raise bad(f"{name}: data is nested too deeply", name) from None
         if len(flat) != count:
             raise bad(f"{name}: {len(flat)} values for shape {shape}", name)
         values = _json_values(name, datatype, flat)
@@ -186,8 +208,11 @@ def _json_values(name: str, datatype: str, flat: list[Any]) -> np.ndarray:
         if not all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
                    for v in flat):
             raise bad(f"{name}: {datatype} data must be numbers (or null)", name)
-        return np.array([math.nan if v is None else v for v in flat],
-                        dtype=np.dtype(DTYPES[datatype]))
+        try:
+            return np.array([math.nan if v is None else v for v in flat],
+                            dtype=np.dtype(DTYPES[datatype]))
+        except OverflowError:
+            raise bad(f"{name}: a value does not fit {datatype}", name) from None
     if datatype == "BOOL":
         if not all(isinstance(v, bool) for v in flat):
             raise bad(f"{name}: BOOL data must be true/false", name)
@@ -203,7 +228,8 @@ def _json_values(name: str, datatype: str, flat: list[Any]) -> np.ndarray:
 def parse_request(body: bytes, header_length: str | None) -> InferRequest:
     """The JSON part (the first ``header_length`` bytes, or all) and the binary inputs."""
     if header_length is not None:
-        if not header_length.isdigit() or int(header_length) > len(body):
+        if (not (header_length.isascii() and header_length.isdigit())
+                or len(header_length) > 12 or int(header_length) > len(body)):
             raise bad(f"Inference-Header-Content-Length {header_length!r} is not a length "
                       f"within the {len(body)}-byte body")
         split = int(header_length)
@@ -351,7 +377,10 @@ def raw_inputs(model: ServedModel, tensors: list[Tensor]) -> tuple[int, Encode]:
     columns = {t.name: t.values for t in tensors if t.name not in scalars}
 
     def encode(target: ServedModel, strict: bool) -> tuple[np.ndarray, np.ndarray]:
-        return target.encoder.encode_columns(scalars, columns, n, _tensor_name)
+        try:
+            return target.encoder.encode_columns(scalars, columns, n, _tensor_name)
+        except RequestError as e:  # e.g. a fallback that reads the field as a number
+            raise bad(f"{e.field}: {e.reason} (model {target.name!r})", e.field) from None
 
     return n, encode
 

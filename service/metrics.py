@@ -50,7 +50,7 @@ Rejection reasons: ``queue_full``, ``predicted_deadline_miss`` (admission contro
 
 Several worker processes: set ``PROMETHEUS_MULTIPROC_DIR`` (``mldcn serve --workers N`` does) to
 an empty folder before the service is imported; ``/metrics`` then aggregates every worker's
-files (``MultiProcessCollector``); gauges sum live processes (or take the max for model info),
+files (``MultiProcessCollector``); gauges sum live processes (or take their max, for model info),
 and ``process_cpu_seconds_total`` adds up the live workers' CPU time (read from ``/proc``).
 """
 
@@ -124,15 +124,15 @@ class Metrics:
                                buckets=LATENCY_BUCKETS_S, registry=r)
         self.model_info = Gauge("mldcn_model_info", "loaded model versions",
                                 ["model", "version", "provider", "precision", "arch"],
-                                multiprocess_mode="max", registry=r)
+                                multiprocess_mode="livemax", registry=r)
         self.flops = Gauge("mldcn_model_flops_per_example", "analytic FLOPs per scored row",
-                           ["model", "version"], multiprocess_mode="max", registry=r)
+                           ["model", "version"], multiprocess_mode="livemax", registry=r)
         self.latency_fixed = Gauge("mldcn_latency_model_fixed_seconds",
                                    "admission latency model: fixed cost per batch", ["model"],
-                                   multiprocess_mode="max", registry=r)
+                                   multiprocess_mode="livemax", registry=r)
         self.latency_per_row = Gauge("mldcn_latency_model_per_row_seconds",
                                      "admission latency model: cost per row", ["model"],
-                                     multiprocess_mode="max", registry=r)
+                                     multiprocess_mode="livemax", registry=r)
 
         self.arm_requests = Counter("mldcn_arm_requests", "A/B-split requests by arm and code",
                                     ["arm", "code"], registry=r)
@@ -156,7 +156,7 @@ class Metrics:
         self.model_loads = Counter("mldcn_model_loads", "model loads by result",
                                    ["model", "result"], registry=r)
         self.draining = Gauge("mldcn_draining", "1 while draining after SIGTERM",
-                              multiprocess_mode="max", registry=r)
+                              multiprocess_mode="livemax", registry=r)
         self.admission_ratio = Histogram(
             "mldcn_admission_ratio", "served requests: actual / predicted seconds from the "
             "admission decision to scored", ["model"], buckets=RATIO_BUCKETS, registry=r)
@@ -164,7 +164,7 @@ class Metrics:
             ProcessCollector(registry=r)
         self.provider_fallback = Gauge(
             "mldcn_provider_fallback", "1 when execution_provider=cuda but the model's session "
-            "runs on CPU (on_provider_fallback=warn)", ["model"], multiprocess_mode="max",
+            "runs on CPU (on_provider_fallback=warn)", ["model"], multiprocess_mode="livemax",
             registry=r)
 
     def child(self, metric: Any, *values: str) -> Any:

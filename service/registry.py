@@ -63,6 +63,7 @@ class ModelRegistry:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.on_change: list[Callable[[], None]] = []  # called after a version comes or goes
+        self.on_removed: list[Callable[[str], None]] = []  # called with a model unloaded
         self.entries: dict[str, ModelEntry] = {}
         self.models: dict[str, ServedModel] = {}  # name -> model, the same versions
         self._retiring: set[asyncio.Task[Any]] = set()
@@ -124,6 +125,8 @@ class ModelRegistry:
         entry = self.entries.pop(name)
         del self.models[name]
         self._retire(entry)
+        for listener in self.on_removed:
+            listener(name)
         self._changed()
         return entry.model
 

@@ -7,8 +7,9 @@ writes the answer; :class:`ScoringService` does everything in between, in one pl
 
 1. the deadline: arrival + the budget (``default_timeout_ms``, lowered by the
    ``X-Request-Timeout-Ms`` header or the body's own timeout; :func:`service.budget.budget_s`);
-2. admission (:class:`~service.admission.Admission`), on arrival for one row and then for
-   the request's rows on the model it is routed to: a request that cannot make its deadline
+2. admission (:class:`~service.admission.Admission`), on arrival for the fewest rows the
+   body's size can hold and then for the request's rows on the model it is routed to (one
+   decision function at both stages): a request that cannot make its deadline
    is answered 503 (or scored by the fallback under ``timeout_action=degrade``) before
    anything is encoded;
 3. encoding (:mod:`service.encode`), then the model's batcher (:mod:`service.batcher`);
@@ -20,7 +21,6 @@ Between routing and the batcher's ``submit`` nothing awaits, so a model swapped 
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import time
@@ -97,7 +97,8 @@ class ScoringService:
         self.settings = settings
         self.metrics = metrics or Metrics()
         self.registry = ModelRegistry(settings)
-        self.admission = Admission(settings, self.registry)
+        self.admission = Admission(settings, self.registry, lambda: self.in_flight)
+        self.registry.on_removed.append(self.admission.forget)
         self.control = ModelControl(settings, self.registry, self.metrics, self.roles)
         self.shadow = ShadowScorer(settings, self.registry, self.metrics,
                                    lambda: self.draining)
@@ -215,10 +216,7 @@ class ScoringService:
         non-200."""
         model, ctx.arm = self.route(req.model, req.user_id, req.user)
         ctx.model = model.name
-        rows = num_candidates(req)
-        if rows == 0:
-            raise ServiceError(422, "invalid_request", "at least one candidate is needed",
-                               field="candidates")
+        rows = num_candidates(req)  # >= 1: validation refuses empty candidates
         plain = True  # a validated body holds JSON scalars only
         user, context, candidates = req.user, req.context, req.candidates
 
@@ -263,7 +261,8 @@ class ScoringService:
             metrics.child(metrics.degraded, model.name, "predicted_deadline_miss").inc()
         cat, dense = encode(served, not decision.degraded)
         entry = self.registry.get(served.name)
-        entry.encode_cost.observe(rows, time.monotonic() - now_s)
+        if not ctx.warmup:  # the start-up request's cold timings would skew the models
+            entry.encode_cost.observe(rows, time.monotonic() - now_s)
         try:
             item = entry.batcher.submit(cat, dense, ctx.deadline_s)
         except QueueFull as e:
@@ -274,7 +273,8 @@ class ScoringService:
         try:
             probs = await self._wait(item, ctx.deadline_s, receive)
         except DeadlineExceeded:
-            self.admission.observe(decision, time.monotonic(), missed=True)
+            if not ctx.warmup:
+                self.admission.observe(decision, time.monotonic(), missed=True)
             raise self.refuse(ctx, ServiceError(
                 504, "deadline_exceeded", "the deadline passed before the request was scored")
             ) from None
@@ -285,7 +285,8 @@ class ScoringService:
         finally:
             depth.set(entry.batcher.queue_depth)
         done_s = time.monotonic()
-        self.admission.observe(decision, done_s, missed=done_s > ctx.deadline_s)
+        if not ctx.warmup:
+            self.admission.observe(decision, done_s, missed=done_s > ctx.deadline_s)
         if done_s > ctx.deadline_s:
             raise self.refuse(ctx, ServiceError(
                 504, "deadline_exceeded",
@@ -306,8 +307,8 @@ class ScoringService:
         is withdrawn (cancelled: the batcher skips it, or drops the result of a batch that
         already holds it) and DeadlineExceeded / ClientDisconnected is raised at once,
         rather than when the batcher next looks at the queue."""
-        loop = asyncio.get_running_loop()
         result = item.future
+        loop = result.get_loop()
         woken = loop.create_future()
 
         def wake(_: Any = None) -> None:

@@ -21,12 +21,14 @@ Ctrl-C reaches only the supervisor), and
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import multiprocessing
 import os
 import shutil
 import signal
 import socket
+import sys
 import tempfile
 import time
 from multiprocessing.process import BaseProcess
@@ -38,18 +40,35 @@ from service.settings import ENV_PREFIX, Settings
 
 log = logging.getLogger("uvicorn.error")
 RESTART_BACKOFF_S = 1.0
+PR_SET_PDEATHSIG = 1
 EXIT_MARGIN_S = 10.0  # on top of drain_grace_s before a worker that does not exit is killed
 
 
-def _worker_main(env: dict[str, str], sock: socket.socket, access_log: bool) -> None:
+def _worker_main(env: dict[str, str], sock: socket.socket, access_log: bool,
+                 supervisor: int) -> None:
     """A worker process: the settings from ``env``, a DrainingServer on the shared socket."""
     os.setsid()  # not in the terminal's process group: signals come from the supervisor
+    _drain_when_orphaned(supervisor)
     os.environ.update(env)
     from service.server import serve_socket
     from service.settings import get_settings
 
     get_settings.cache_clear()
     raise SystemExit(serve_socket(get_settings(), sock, access_log))
+
+
+def _drain_when_orphaned(supervisor: int) -> None:
+    """Linux: get SIGTERM (a drain) if the supervisor dies, even by SIGKILL, so that no worker
+    keeps serving on the shared socket without it."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != supervisor:  # it died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 class Supervisor:
@@ -78,11 +97,14 @@ class Supervisor:
         env = {k: v for k, v in os.environ.items() if k.startswith(ENV_PREFIX)}
         env |= {f"{ENV_PREFIX}CONTROL_DIR": str(control_dir),
                 f"{ENV_PREFIX}WORKER_INDEX": str(index)}
-        p = self._spawn.Process(target=_worker_main, args=(env, sock, self.access_log),
+        p = self._spawn.Process(target=_worker_main,
+                                args=(env, sock, self.access_log, os.getpid()),
                                 name=f"mldcn-worker-{index}")
-        p.start()
         self.workers[index] = p
+        p.start()
         log.info("started worker %d (pid %s)", index, p.pid)
+        if self.stopping_s is not None and p.pid is not None:  # a signal came meanwhile
+            os.kill(p.pid, signal.SIGTERM)
 
     def _on_signal(self, sig: int, frame: FrameType | None) -> None:
         self.signals += 1
@@ -153,8 +175,11 @@ class Supervisor:
                     log.error("worker %d (pid %s) exited with %s; restarting it", i, p.pid,
                               p.exitcode)
                     time.sleep(RESTART_BACKOFF_S)
-                    self._start(i, sock, control_dir)
-                    codes.pop(i, None)
+                    if self.stopping_s is None:  # no signal during the pause
+                        self._start(i, sock, control_dir)
+                        codes.pop(i, None)
+                    else:
+                        del self.workers[i]
                 else:
                     del self.workers[i]
             if self.stopping_s is not None and not self.workers:

@@ -20,9 +20,9 @@ from loadtest.openloop import (
     RequestSpec,
     Response,
     ResponseParser,
-    _request_bytes,
     arrival_times,
     read_request_pool,
+    request_bytes,
     run_open_loop,
     score_requests,
     write_request_pool,
@@ -152,10 +152,10 @@ def test_request_pool_round_trip_with_binary_bodies(tmp_path: Path) -> None:
 
 def test_request_bytes() -> None:
     spec = RequestSpec("/v1/score", {"Content-Length": "9", "A": "b"}, b"xyz", 1)
-    assert _request_bytes("h:1", "/api", spec) == (
+    assert request_bytes("h:1", "/api", spec) == (
         b"POST /api/v1/score HTTP/1.1\r\nHost: h:1\r\nContent-Length: 3\r\nA: b\r\n\r\nxyz")
     with pytest.raises(ValueError):
-        _request_bytes("h", "", RequestSpec("/", {"A": "b\r\nEvil: 1"}, b"", 1))
+        request_bytes("h", "", RequestSpec("/", {"A": "b\r\nEvil: 1"}, b"", 1))
 
 
 # -- runs ---------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ def test_service_never_imports_torch() -> None:
         "import sys; sys.modules['torch'] = None\n"
         "from service.app import create_app\n"
         "from service.settings import Settings\n"
-        "import service.cli, service.bench, service.models\n"
+        "import service.cli, service.models, service.workers, service.edge\n"
         "app = create_app(Settings(repo='.'))\n"
         "assert 'torch' not in [m for m in sys.modules if sys.modules[m] is not None]\n"
         "print('ok')\n"
