@@ -19,16 +19,16 @@ median and its spread (min, max) over the repeats, and :func:`verdict` reads the
 
 Those ratios measure the models only when the models dominate the server's time. Each step
 records the *compute share*: ONNX Runtime seconds (Δ ``mldcn_compute_duration_seconds_sum``,
-wall time per batch around the ONNX Runtime call) / server CPU seconds
-(Δ ``process_cpu_seconds_total``, summed over worker processes), clipped to [0, 1], None where
-the server does not export the CPU metric; and the server's CPU milliseconds outside ONNX
-Runtime per answered request (:mod:`loadtest.runner` says when the share is ONNX Runtime's
-share of the CPU). Each model's summary carries its share at the reference load (median and
-range over the repeats; in a comparison the baseline's reference load for both). When either
-model's median share there is below 0.5 (:data:`FRONT_END_SHARE`), the verdict is
-``front-end-bound``: the ratios then compare the servers' front ends (HTTP, JSON, encoding),
-not the models; they are still reported, with the verdict they alone would give
-(``ratio_verdict``).
+wall time per batch around the ONNX Runtime call, times the server's intra-op threads) / server
+CPU seconds (Δ ``process_cpu_seconds_total``, summed over worker processes), clipped to [0, 1],
+None where the server does not export the CPU metric; and the server's CPU milliseconds outside
+ONNX Runtime per answered request (:mod:`loadtest.runner`: the share is an upper bound of ONNX
+Runtime's share of the CPU, so a share below 0.5 is conclusive). Each model's summary carries
+its share at the reference load (median and range over the repeats; in a comparison the
+baseline's reference load for both). When either model's median share there is below 0.5
+(:data:`FRONT_END_SHARE`), the verdict is ``front-end-bound``: the ratios then compare the
+servers' front ends (HTTP, JSON, encoding), not the models; they are still reported, with the
+verdict they alone would give (``ratio_verdict``).
 
 Example:
     >>> verdict([1.0, 1.0], [1.02, 0.97])
@@ -421,21 +421,21 @@ def _run_model(repo: Path, model: str, opts: LoadOptions, raw: Path, tag: str,
     pool_path = raw / f"pool_{model}.jsonl"
     with serve(repo, model, opts.slo_ms, server_cores) as server:
         return _run_steps(server.url, model, opts, pool_path, raw, tag, client_cores, log,
-                          repeat)
+                          repeat, ort_threads=max(1, len(server_cores)))
 
 
 def _run_steps(url: str, model: str, opts: LoadOptions, pool_path: Path, raw: Path, tag: str,
                client_cores: list[int], log: Callable[[str], None],
-               repeat: int = 1) -> dict[str, Any]:
+               repeat: int = 1, ort_threads: int = 1) -> dict[str, Any]:
     if opts.warmup_s > 0:
         measure_step(url, model, pool_path, constant(min(opts.steps_rps), opts.warmup_s),
                      raw / f"{tag}_warmup", opts.slo_ms, opts.seed + 999, client_cores,
-                     opts.max_inflight)
+                     opts.max_inflight, ort_threads)
     steps = []
     for i, rate in enumerate(opts.steps_rps):
         step = measure_step(url, model, pool_path, opts.schedule(rate),
                             raw / f"{tag}_step{i + 1}", opts.slo_ms, opts.seed + i,
-                            client_cores, opts.max_inflight)
+                            client_cores, opts.max_inflight, ort_threads)
         c = step["client"]
         log(f"  {model} step {i + 1}/{len(opts.steps_rps)}: offered {rate:g} req/s, "
             f"served {c['achieved_rps']:.1f} req/s ({c['served_rows_per_s']:.0f} rows/s), "

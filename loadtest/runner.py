@@ -10,18 +10,18 @@ are the increase of ``process_cpu_seconds_total`` (the standard Prometheus proce
 summed over its series: with several worker processes, the sum over the workers; None when the
 server does not export it) and the *ONNX Runtime seconds* are the increase of
 ``mldcn_compute_duration_seconds_sum`` over the model's series (wall time per batch, measured
-around the ONNX Runtime call). The *compute share* is ORT seconds / CPU seconds, clipped to
-[0, 1] (:func:`compute_share`); the server's own time outside ONNX Runtime per request is
-(CPU seconds - ORT seconds) / requests answered (all codes), clipped at 0
-(:func:`outside_ort_ms_per_request`). ORT seconds are wall time, so the share is ONNX
-Runtime's share of the server's CPU only when a batch's wall time is the CPU time it costs.
-:func:`serve` pins the server to its cores and passes ``--intra-op-threads`` = their count
-(one intra-op thread per server core). On one server core (the two-core split) that is one
-thread, whose wall time can only exceed its CPU time (the event loop pre-empts it): the share
-is then an upper bound, and a share below 0.5 is conclusive. With k > 1 server cores a batch
-can take up to k CPU seconds per wall second, and the share can understate ONNX Runtime's part
-up to k-fold. The CPU seconds are the whole server's: the share is the model's when the server
-serves that model alone (as ``compare`` runs it).
+around the ONNX Runtime call). A batch run with ``ort_threads`` intra-op threads can cost up
+to that many CPU seconds per wall second, so the *compute share* is ``ort_threads`` · ORT
+seconds / CPU seconds, clipped to [0, 1] (:func:`compute_share`), and the server's own time
+outside ONNX Runtime per request is (CPU seconds - ``ort_threads`` · ORT seconds) / requests
+answered (all codes), clipped at 0 (:func:`outside_ort_ms_per_request`). Both are bounds: the
+share an upper bound of ONNX Runtime's part of the server's CPU (a batch's wall time can only
+exceed the CPU its threads spend, e.g. when the event loop pre-empts them), the outside time a
+lower bound, so a share below 0.5 is conclusive. :func:`serve` pins the server to its cores and
+passes ``--intra-op-threads`` = their count, and the runner passes that count as
+``ort_threads`` (one, on the two-core split); a server the runner did not start is counted
+with one thread. The CPU seconds are the whole server's: the share is the model's when the
+server serves that model alone (as ``compare`` runs it).
 
 Example:
     >>> split_cores({0, 1})
@@ -32,6 +32,8 @@ Example:
     ([5], [5])
     >>> compute_share(ort_s=1.5, cpu_s=5.0), compute_share(2.0, 1.8), compute_share(1.0, None)
     (0.3, 1.0, None)
+    >>> compute_share(ort_s=1.5, cpu_s=5.0, ort_threads=2)
+    0.6
     >>> outside_ort_ms_per_request(cpu_s=5.0, ort_s=1.5, requests=1000)
     3.5
 """
@@ -284,11 +286,12 @@ def cpu_seconds_delta(before: promscrape.Samples, after: promscrape.Samples,
     return d if d >= 0 else None
 
 
-def compute_share(ort_s: float, cpu_s: float | None) -> float | None:
-    """ONNX Runtime seconds / server CPU seconds, clipped to [0, 1]; None without CPU time."""
+def compute_share(ort_s: float, cpu_s: float | None, ort_threads: int = 1) -> float | None:
+    """``ort_threads`` · ONNX Runtime seconds / server CPU seconds, clipped to [0, 1]; None
+    without CPU time."""
     if cpu_s is None or cpu_s <= 0:
         return None
-    return min(1.0, max(0.0, ort_s / cpu_s))
+    return min(1.0, max(0.0, ort_threads * ort_s / cpu_s))
 
 
 def outside_ort_ms_per_request(cpu_s: float | None, ort_s: float,
@@ -300,7 +303,7 @@ def outside_ort_ms_per_request(cpu_s: float | None, ort_s: float,
 
 
 def server_step_stats(before: promscrape.Samples, after: promscrape.Samples, model: str,
-                      duration_s: float) -> dict[str, Any]:
+                      duration_s: float, ort_threads: int = 1) -> dict[str, Any]:
     """Server-side statistics of one step from the /metrics scrapes around it.
 
     Besides latency percentiles and counts: ``server_cpu_s`` (Δ ``process_cpu_seconds_total``,
@@ -350,15 +353,19 @@ def server_step_stats(before: promscrape.Samples, after: promscrape.Samples, mod
         "answered_requests": int(answered),
         "server_cpu_s": cpu_s,
         "ort_s": compute_s,
-        "compute_share": compute_share(compute_s, cpu_s),
-        "outside_ort_ms_per_request": outside_ort_ms_per_request(cpu_s, compute_s, answered),
+        "ort_threads": ort_threads,
+        "compute_share": compute_share(compute_s, cpu_s, ort_threads),
+        "outside_ort_ms_per_request": outside_ort_ms_per_request(cpu_s, compute_s * ort_threads,
+                                                                 answered),
     }
 
 
 def measure_step(url: str, model: str, pool_path: Path, schedule: ArrivalSchedule,
                  out_prefix: Path, timeout_ms: float | None, seed: int,
-                 cores: Sequence[int] = (), max_inflight: int = 256) -> dict[str, Any]:
-    """Scrape, run one Locust step, scrape again: client and server statistics of the step."""
+                 cores: Sequence[int] = (), max_inflight: int = 256,
+                 ort_threads: int = 1) -> dict[str, Any]:
+    """Scrape, run one Locust step, scrape again: client and server statistics of the step
+    (``ort_threads``: the server's intra-op threads, see the module docstring)."""
     before = promscrape.scrape(url)
     t0 = time.monotonic()
     results = run_locust(url, pool_path, schedule, out_prefix, timeout_ms, seed, cores,
@@ -379,5 +386,5 @@ def measure_step(url: str, model: str, pool_path: Path, schedule: ArrivalSchedul
         "duration_s": duration_s,
         "wall_s": wall_s,
         "client": {**summarize(merged, duration_s), "max_lag_ms": results["max_lag_s"] * 1e3},
-        "server": server_step_stats(before, after, model, duration_s),
+        "server": server_step_stats(before, after, model, duration_s, ort_threads),
     }

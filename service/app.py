@@ -80,7 +80,7 @@ V2_ERRORS = _responses(V2ErrorResponse, {404: "unknown model or version"})
 INFER_ERRORS = _responses(V2ErrorResponse, {
     400: "the request does not fit the protocol or the model's inputs (names the tensor)",
     404: "unknown model or version", 405: "only POST", 413: "body too large",
-    422: "invalid X-Request-Timeout-Ms header",
+    422: "invalid X-Request-Timeout-Ms header, or more rows than max_candidates",
     503: "rejected: queue full, predicted deadline miss (Retry-After), draining or not ready",
     504: "deadline exceeded before the request was scored",
 })
@@ -204,7 +204,8 @@ def describe_features(schema: dict[str, Any], models: list[ServedModel],
     request = defs.get("ScoreRequest", {}).get("properties", {})
     for name in ("user", "context"):
         if name in request:
-            request[name] = {**side(name), "description": request[name].get("description", "")}
+            kept = {k: request[name][k] for k in ("description", "default") if k in request[name]}
+            request[name] = {**side(name), **kept}
     if "candidates" in request:
         row = side("candidate")
         columns = {"type": "object", "minProperties": 1, "additionalProperties": False,

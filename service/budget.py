@@ -96,6 +96,13 @@ class LatencyModel:
         if self._since_fit >= 8:
             self._stale = True
 
+    def copy(self) -> LatencyModel:
+        """An independent model with the same points (the copy learns on its own)."""
+        twin = LatencyModel(self._recent.maxlen or 2)
+        twin._seed, twin._recent = list(self._seed), deque(self._recent, self._recent.maxlen)
+        twin._sums, twin._updates = list(self._sums), self._updates
+        return twin
+
     def _fit(self) -> None:
         self._stale, self._since_fit = False, 0
         n, sx, sy, sxx, sxy = self._sums

@@ -45,7 +45,9 @@ metrics is the model asked for, so an arm degraded to the fallback stays under i
 
 Rejection reasons: ``queue_full``, ``predicted_deadline_miss`` (admission control, 503),
 ``deadline_exceeded`` (expired while queued, or finished after its deadline, 504),
-``client_disconnected``, ``not_ready``, ``draining``. Load results: ``loaded``, ``rejected``
+``client_disconnected``, ``not_ready``, ``draining``; a request refused on arrival, before its
+body names a model (``draining``, or admission on the Content-Length), is counted against the
+default model and in no A/B arm. Load results: ``loaded``, ``rejected``
 (validation failed, the old version kept serving), ``unloaded``.
 
 Several worker processes: set ``PROMETHEUS_MULTIPROC_DIR`` (``mldcn serve --workers N`` does) to

@@ -98,7 +98,8 @@ class ScoreRequest(BaseModel):
     )
     user: FeatureMap = Field(description="user-side features, sent once and broadcast")
     context: FeatureMap = Field(
-        default_factory=dict, description="context-side features, sent once and broadcast"
+        default_factory=dict, description="context-side features, sent once and broadcast",
+        json_schema_extra={"default": {}},
     )
     candidates: Candidates = Field(
         description="candidate-side features: columnar {field: [values...]} (the fast path) "

@@ -92,12 +92,14 @@ class ShadowScorer:
         if self._batcher is None or self._batcher_model is not shadow:
             old = self._batcher
             s = self.settings
-            # the model's own latency model (seeded at warmup): the same session, the same
-            # cost; a fresh one fitted on a few small batches can predict nonsense
-            latency = self.registry.get(shadow.name).batcher.latency
+            # a copy of the model's own latency model (seeded at warmup): the same session,
+            # the same cost, but the shadow's timings (run beside the primary's) stay apart;
+            # a fresh one fitted on a few small batches can predict nonsense
+            latency = self.registry.get(shadow.name).batcher.latency.copy()
             self._batcher = Batcher(shadow.run, max_batch_size=s.max_batch_size,
                                     max_queue_size=s.shadow_max_queue_size, instance_count=1,
-                                    latency=latency, name=f"shadow-{shadow.name}")
+                                    latency=latency, name=f"shadow-{shadow.name}",
+                                    nice=s.inference_nice)
             self._batcher.start()
             self._batcher_model = shadow
             if old is not None:

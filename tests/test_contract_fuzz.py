@@ -11,15 +11,23 @@ and auth checks, ``max_response_time`` at its 10 s default) over all four phases
 coverage, fuzzing, stateful). A failure fails the test with schemathesis's own report (each
 failure with its check, the server's answer and a ``curl`` line that reproduces it).
 
-One deliberate exclusion, and only one: ``not_a_server_error`` is replaced by
-``not_a_server_error_outside_budget`` (``tests/schemathesis_hooks.py``), which runs the built-in
-check unchanged except on a *budget answer* of a scoring operation (``POST /v1/score`` and the
-two ``/v2 .../infer``): a 503 ``predicted_deadline_miss``/``queue_full`` with ``Retry-After``, or
-a 504 ``deadline_exceeded``. The schema documents both statuses there, and they are the latency
-budget working (README, "The latency budget"): a request that asks for 5e-324 ms *must* be
-refused. Any 500, any other 5xx (``not_ready``, ``draining``, no ``Retry-After``, ...), and a
-budget answer to another method or path (e.g. ``TRACE /v1/score`` shed instead of 405) still
-fail. Nothing else is filtered: a 422 for a request the schema says is valid, a body that does
+Two deliberate exclusions, both narrow replacements in ``tests/schemathesis_hooks.py`` (the
+test passes ``--exclude-checks not_a_server_error,positive_data_acceptance``):
+
+* ``not_a_server_error_outside_budget`` runs the built-in check unchanged except on a *budget
+  answer* of a scoring operation (``POST /v1/score`` and the two ``/v2 .../infer``): a 503
+  ``predicted_deadline_miss``/``queue_full`` with ``Retry-After``, or a 504
+  ``deadline_exceeded``. The schema documents both statuses there, and they are the latency
+  budget working (README, "The latency budget"): a request that asks for 5e-324 ms *must* be
+  refused. Any 500, any other 5xx (``not_ready``, ``draining``, no ``Retry-After``, ...), and a
+  budget answer to another method or path (e.g. ``TRACE /v1/score`` shed instead of 405) still
+  fail.
+* ``positive_data_acceptance_outside_consistency`` runs the built-in check unchanged except on
+  bodies whose validity JSON Schema cannot express: ``/v1/score`` columns of different lengths
+  (a 422 naming the column), and ``/v2`` infer tensors that do not fit each other or the model
+  (a 400 ``invalid_request`` naming the tensor, the protocol's answer).
+
+Nothing else is filtered: a 422 for any other request the schema says is valid, a body that does
 not match its documented model, an undocumented status all fail, since those are the contract
 being wrong (in the schema or in the service).
 

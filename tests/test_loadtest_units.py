@@ -151,6 +151,10 @@ def test_server_step_stats_share_and_time_outside_ort() -> None:
     assert sv["compute_share"] == pytest.approx(0.3)  # 1.2 / 4.0
     assert sv["outside_ort_ms_per_request"] == pytest.approx(2.0)  # (4.0 - 1.2) / 1400 s
     assert sv["requests_by_code"] == {"200": 1350, "503": 50}
+    # two intra-op threads: each ORT wall second may cost two CPU seconds
+    sv = server_step_stats(before, after, "m", duration_s=10.0, ort_threads=2)
+    assert sv["compute_share"] == pytest.approx(0.6)  # 2 * 1.2 / 4.0
+    assert sv["outside_ort_ms_per_request"] == pytest.approx(1.143, rel=1e-3)  # 1.6 / 1400 s
 
 
 def test_server_cpu_is_summed_over_worker_processes() -> None:

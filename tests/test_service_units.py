@@ -191,6 +191,19 @@ def test_latency_model_learns_online() -> None:
     assert lm.predict(500) == pytest.approx(0.015, rel=0.1)
 
 
+def test_latency_model_copy_learns_apart() -> None:
+    lm = LatencyModel(window=8)
+    lm.seed(1, 0.001)
+    lm.seed(1000, 0.002)
+    twin = lm.copy()
+    assert twin.predict(500) == pytest.approx(lm.predict(500))
+    for _ in range(16):  # the shadow runs beside the primary: slower, and only there
+        twin.observe(1, 0.01)
+        twin.observe(1000, 0.02)
+    assert lm.predict(500) == pytest.approx(0.0015, rel=0.01)
+    assert twin.predict(500) == pytest.approx(0.015, rel=0.2)
+
+
 def test_budget_never_exceeds_the_server_maximum() -> None:
     assert budget_s(50, (None, None)) == 0.05
     assert budget_s(50, (10, 30)) == 0.01
