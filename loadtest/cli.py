@@ -1,4 +1,5 @@
-"""``mldcn loadtest compare`` and ``mldcn loadtest run``: registered by ``model.cli``.
+"""``mldcn loadtest compare``, ``mldcn loadtest run``, ``mldcn bench serve`` and ``mldcn bench
+gpu``: registered by ``model.cli``.
 
 Importing this module is cheap (argparse only); Locust, matplotlib and the service load when a
 command runs.
@@ -7,6 +8,8 @@ command runs.
         [--steps 10,20,40] [--duration 20] [--repeats 2] [--out DIR]
     mldcn loadtest run --url http://127.0.0.1:8000 --model mldcn
         [--model-json PATH | --repo MODELS_DIR] [--steps ...] [--out DIR]
+    mldcn bench serve --repo MODELS_DIR --models small=a,large=b [--servers v1,v2,fastapi,pytriton]
+    mldcn bench gpu [--repo MODELS_DIR --models a,b] [--out docs/bench/gpu.json] [--allow-cpu]
 
 Expected problems (server down, unknown model, an SLO of 0, a bad option) end with one line
 ``mldcn: error: ...`` and exit status 2.
@@ -55,6 +58,68 @@ def _load_args(p: argparse.ArgumentParser) -> None:
                    help="share of unseen categorical values / missing numerics (0.02)")
     p.add_argument("--pool-size", type=int, default=256, help="distinct request bodies (256)")
     p.add_argument("--seed", type=int, default=0, help="seed of bodies and arrival times")
+
+
+def add_bench_commands(bsub: Any) -> None:
+    """Add ``serve`` and ``gpu`` to ``mldcn bench``'s sub-parsers (serving benchmarks)."""
+    b = bsub.add_parser(
+        "serve", help="this service vs a plain FastAPI scorer and PyTriton: own time "
+                      "outside ONNX Runtime, saturation, open-loop SLO-bounded throughput",
+        description="See loadtest/bench_serve.py.")
+    b.add_argument("--repo", required=True, help="model repository of the models")
+    b.add_argument("--models", required=True,
+                   help="SIZE=NAME,...: e.g. small=mldcn-small,large=mldcn-large")
+    b.add_argument("--servers", default="v1,v2,v2raw,fastapi,pytriton",
+                   help="of v1, v2, v2raw, fastapi, pytriton (default: all)")
+    b.add_argument("--candidates", type=int, default=300, help="candidates per request")
+    b.add_argument("--slo-ms", type=float, default=50.0, help="p99 SLO (and the budget)")
+    b.add_argument("--rates", default="0.1,0.2,0.25,0.3,0.35,0.4,0.45,0.5,0.55,0.6,0.7,0.8",
+                   help="open-loop rates, as fractions of the ONNX-Runtime-only capacity")
+    b.add_argument("--stop-after", type=int, default=2,
+                   help="end a server's sweep after this many rates miss the SLO")
+    b.add_argument("--step-s", type=float, default=8.0, help="seconds per open-loop rate")
+    b.add_argument("--min-requests", type=int, default=1500,
+                   help="make a rate's step long enough for this many arrivals")
+    b.add_argument("--max-step-s", type=float, default=30.0, help="... but at most this")
+    b.add_argument("--sequential", type=int, default=400,
+                   help="requests one at a time for the own time")
+    b.add_argument("--connections", type=int, default=8, help="saturation connections")
+    b.add_argument("--saturation-s", type=float, default=5.0, help="saturation seconds")
+    b.add_argument("--pool", type=int, default=64, help="distinct request bodies")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--out", default="docs/bench/serve.json", help="JSON output path")
+    b.set_defaults(func=cmd_bench_serve)
+    g = bsub.add_parser(
+        "gpu", help="GPU serving path: in-process and HTTP latency at 64..4096 candidates, "
+                    "DCNv2 vs ML-DCN, fp32/fp16, with and without CUDA graphs",
+        description="Needs the CUDA execution provider (pip install '.[gpu]'); exits 2 "
+                    "without it unless --allow-cpu. See docs/gpu.md.")
+    g.add_argument("--repo", help="model repository (default: train both architectures "
+                                  "at --preset and export fp32 and fp16 into a temporary "
+                                  "one)")
+    g.add_argument("--models", help="comma-separated names in --repo (default: all)")
+    g.add_argument("--preset", default="large", help="matched-FLOPs level without --repo")
+    g.add_argument("--sizes", default="64,128,256,512,1024,2048,4096",
+                   help="candidates per request")
+    g.add_argument("--requests", type=int, default=200, help="runs per size and mode")
+    g.add_argument("--no-http", action="store_true", help="in-process timings only")
+    g.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph runs")
+    g.add_argument("--allow-cpu", action="store_true",
+                   help="without CUDA, measure the CPU provider instead of exiting 2")
+    g.add_argument("--out", default="docs/bench/gpu.json", help="JSON output path")
+    g.set_defaults(func=cmd_bench_gpu)
+
+
+def cmd_bench_gpu(args: argparse.Namespace) -> None:
+    from loadtest import bench_gpu
+
+    bench_gpu.run_cli(args)
+
+
+def cmd_bench_serve(args: argparse.Namespace) -> None:
+    from loadtest import bench_serve
+
+    bench_serve.main(args)
 
 
 def add_loadtest_commands(sub: Any) -> None:

@@ -316,10 +316,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     from service.cli import add_serve_commands  # argparse only; the service loads on use
 
-    add_serve_commands(sub, bsub)
+    add_serve_commands(sub)
 
-    from loadtest.cli import add_loadtest_commands  # argparse only; Locust loads on use
+    from loadtest.cli import add_bench_commands, add_loadtest_commands  # argparse only
 
+    add_bench_commands(bsub)
     add_loadtest_commands(sub)
     return parser
 

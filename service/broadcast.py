@@ -149,10 +149,13 @@ class Broadcast:
         self.applied = seq
         return seq
 
-    def actions(self) -> list[Action]:
-        """Every published action, in order."""
+    def actions(self, after: int = 0) -> list[Action]:
+        """Every published action with a sequence number above ``after``, in order (only
+        those files are read: the name carries the number)."""
         out = []
         for p in sorted(self.folder.glob("action-*.json")):
+            if int(p.stem.split("-", 1)[1]) <= after:
+                continue
             d = _read(p)
             if d is not None:
                 out.append(Action(int(d["seq"]), d["op"], d["name"], d.get("version"),
@@ -171,7 +174,7 @@ class Broadcast:
     # -- following -----------------------------------------------------------------------------
     def pending(self) -> list[Action]:
         """Actions published since this worker last applied one, in order."""
-        return [a for a in self.actions() if a.seq > self.applied]
+        return self.actions(after=self.applied)
 
     def ack(self, seq: int, result: dict[str, Any]) -> None:
         """Record that this worker applied action ``seq`` with ``result``."""

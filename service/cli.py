@@ -1,25 +1,21 @@
-"""``mldcn serve``, ``mldcn bench serve`` and ``mldcn bench gpu``.
+"""``mldcn serve``.
 
 Registered by ``model.cli.build_parser``.
 
 Importing this module is cheap (argparse only). ``mldcn serve`` turns its flags into the
 ``MLDCN_*`` environment variables of :class:`service.settings.Settings` (flags win over the
 environment), validates them, checks the repository, and runs uvicorn; with ``--workers N > 1``
-it also points ``PROMETHEUS_MULTIPROC_DIR`` at a fresh folder so that ``/metrics`` adds up
-every worker.
+its supervisor (:mod:`service.workers`) points ``PROMETHEUS_MULTIPROC_DIR`` at a fresh folder
+so that ``/metrics`` adds up every worker.
 
     mldcn serve --repo MODELS_DIR [--host H] [--port P] [--workers N] [--models a,b] ...
-    mldcn bench serve --repo MODELS_DIR --models small=a,large=b [--servers v1,v2,fastapi,pytriton]
-    mldcn bench gpu [--repo MODELS_DIR --models a,b] [--out docs/bench/gpu.json] [--allow-cpu]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
-import tempfile
 from typing import Any
 
 # flag -> (settings field, type, help); every flag defaults to "not given"
@@ -66,8 +62,8 @@ SERVE_FLAGS: dict[str, tuple[str, type, str]] = {
 }
 
 
-def add_serve_commands(sub: Any, bench_sub: Any | None = None) -> None:
-    """Add ``serve`` to ``mldcn``'s sub-parsers and ``serve`` to ``mldcn bench``'s."""
+def add_serve_commands(sub: Any) -> None:
+    """Add ``serve`` to ``mldcn``'s sub-parsers."""
     p = sub.add_parser("serve", help="run the scoring service (FastAPI + ONNX Runtime)",
                        description="Run the scoring service. Every flag can also be given as "
                                    "an MLDCN_<NAME> environment variable.")
@@ -79,53 +75,6 @@ def add_serve_commands(sub: Any, bench_sub: Any | None = None) -> None:
                    help="one CUDA graph per batch bucket (MLDCN_CUDA_GRAPHS=true)")
     p.add_argument("--access-log", action="store_true", help="log every request")
     p.set_defaults(func=cmd_serve)
-    if bench_sub is not None:
-        b = bench_sub.add_parser(
-            "serve", help="this service vs a plain FastAPI scorer and PyTriton: own time "
-                          "outside ONNX Runtime, saturation, open-loop SLO-bounded throughput",
-            description="See loadtest/bench_serve.py.")
-        b.add_argument("--repo", required=True, help="model repository of the models")
-        b.add_argument("--models", required=True,
-                       help="SIZE=NAME,...: e.g. small=mldcn-small,large=mldcn-large")
-        b.add_argument("--servers", default="v1,v2,v2raw,fastapi,pytriton",
-                       help="of v1, v2, v2raw, fastapi, pytriton (default: all)")
-        b.add_argument("--candidates", type=int, default=300, help="candidates per request")
-        b.add_argument("--slo-ms", type=float, default=50.0, help="p99 SLO (and the budget)")
-        b.add_argument("--rates", default="0.1,0.2,0.25,0.3,0.35,0.4,0.45,0.5,0.55,0.6,0.7,0.8",
-                       help="open-loop rates, as fractions of the ONNX-Runtime-only capacity")
-        b.add_argument("--stop-after", type=int, default=2,
-                       help="end a server's sweep after this many rates miss the SLO")
-        b.add_argument("--step-s", type=float, default=8.0, help="seconds per open-loop rate")
-        b.add_argument("--min-requests", type=int, default=1500,
-                       help="make a rate's step long enough for this many arrivals")
-        b.add_argument("--max-step-s", type=float, default=30.0, help="... but at most this")
-        b.add_argument("--sequential", type=int, default=400,
-                       help="requests one at a time for the own time")
-        b.add_argument("--connections", type=int, default=8, help="saturation connections")
-        b.add_argument("--saturation-s", type=float, default=5.0, help="saturation seconds")
-        b.add_argument("--pool", type=int, default=64, help="distinct request bodies")
-        b.add_argument("--seed", type=int, default=0)
-        b.add_argument("--out", default="docs/bench/serve.json", help="JSON output path")
-        b.set_defaults(func=cmd_bench_serve)
-        g = bench_sub.add_parser(
-            "gpu", help="GPU serving path: in-process and HTTP latency at 64..4096 candidates, "
-                        "DCNv2 vs ML-DCN, fp32/fp16, with and without CUDA graphs",
-            description="Needs the CUDA execution provider (pip install '.[gpu]'); exits 2 "
-                        "without it unless --allow-cpu. See docs/gpu.md.")
-        g.add_argument("--repo", help="model repository (default: train both architectures "
-                                      "at --preset and export fp32 and fp16 into a temporary "
-                                      "one)")
-        g.add_argument("--models", help="comma-separated names in --repo (default: all)")
-        g.add_argument("--preset", default="large", help="matched-FLOPs level without --repo")
-        g.add_argument("--sizes", default="64,128,256,512,1024,2048,4096",
-                       help="candidates per request")
-        g.add_argument("--requests", type=int, default=200, help="runs per size and mode")
-        g.add_argument("--no-http", action="store_true", help="in-process timings only")
-        g.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph runs")
-        g.add_argument("--allow-cpu", action="store_true",
-                       help="without CUDA, measure the CPU provider instead of exiting 2")
-        g.add_argument("--out", default="docs/bench/gpu.json", help="JSON output path")
-        g.set_defaults(func=cmd_bench_gpu)
 
 
 def serve_env(args: argparse.Namespace) -> dict[str, str]:
@@ -175,10 +124,6 @@ def cmd_serve(args: argparse.Namespace) -> None:
                            f"{ort.get_available_providers()}: install onnxruntime-gpu (pip "
                            "install '.[gpu]') with a matching CUDA/cuDNN, or set "
                            "MLDCN_ON_PROVIDER_FALLBACK=warn to serve on CPU")
-    multiproc_dir = None
-    if settings.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        multiproc_dir = tempfile.mkdtemp(prefix="mldcn-prometheus-")
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = multiproc_dir
     try:
         settings.admin_secret()
     except ValueError as e:
@@ -189,22 +134,6 @@ def cmd_serve(args: argparse.Namespace) -> None:
           f"http://{settings.host}:{settings.port} ({settings.workers} worker(s), budget "
           f"{settings.default_timeout_ms:g} ms, timeout_action {settings.timeout_action})",
           file=sys.stderr, flush=True)
-    try:
-        code = run(settings, access_log=args.access_log)
-    finally:
-        if multiproc_dir:
-            shutil.rmtree(multiproc_dir, ignore_errors=True)
+    code = run(settings, access_log=args.access_log)
     if code:
         raise SystemExit(code)
-
-
-def cmd_bench_gpu(args: argparse.Namespace) -> None:
-    from service import bench_gpu
-
-    bench_gpu.run_cli(args)
-
-
-def cmd_bench_serve(args: argparse.Namespace) -> None:
-    from loadtest import bench_serve
-
-    bench_serve.main(args)

@@ -180,8 +180,8 @@ class Edge:
             except Exception:
                 log.exception("unhandled error on %s", scope["path"])
                 ctx.status = 500
-                await respond(send, 500, error_body(ServiceError(
-                    500, "internal_error", "internal server error")))
+                e = ServiceError(500, "internal_error", "internal server error")
+                await respond(send, 500, v2_body(e) if infer is not None else error_body(e))
         except OSError:  # the connection broke while answering
             ctx.status = CLIENT_CLOSED
         finally:

@@ -161,6 +161,14 @@ def _flatten(data: Any) -> list[Any]:
     return out
 
 
+def _is_dim(d: Any) -> bool:
+    """A non-negative integer, also when JSON wrote it as ``3.0``."""
+    if isinstance(d, bool):
+        return False
+    return (isinstance(d, int) and d >= 0) or (isinstance(d, float) and d.is_integer()
+                                                and d >= 0)
+
+
 def decode_tensor(spec: Any, raw: bytes | None) -> Tensor:
     """A ``$request_input`` with its JSON ``data`` or its binary bytes ``raw``."""
     if not isinstance(spec, Mapping):
@@ -171,10 +179,10 @@ def decode_tensor(spec: Any, raw: bytes | None) -> Tensor:
     datatype, shape = spec.get("datatype"), spec.get("shape")
     if not isinstance(datatype, str) or (datatype != "BYTES" and datatype not in DTYPES):
         raise bad(f"{name}: unknown datatype {datatype!r}", name)
-    if not isinstance(shape, list) or not all(
-            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+    if not isinstance(shape, list) or not all(_is_dim(d) for d in shape):
         raise bad(f"{name}: shape must be a list of non-negative integers, got {shape!r}",
                   name)
+    shape = [int(d) for d in shape]  # 3.0 is an integer in JSON (and in its Schema)
     count = math.prod(shape)
     if raw is not None:
         if datatype == "BYTES":
@@ -345,8 +353,8 @@ def encoded_inputs(model: ServedModel, tensors: list[Tensor]) -> tuple[int, Enco
         raise bad("dense: values must be finite", "dense")
 
     def encode(target: ServedModel, strict: bool) -> tuple[np.ndarray, np.ndarray]:
-        if target is not model:  # another layout: the fallback or the shadow cannot use it
-            raise ServiceError(503, "invalid_request", "encoded tensors fit only their model")
+        if target is not model:  # never: admission is told not to degrade encoded tensors
+            raise RuntimeError("encoded tensors fit only their model")
         return cat, dense
 
     return n, encode

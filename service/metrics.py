@@ -6,14 +6,14 @@ Names carry the ``mldcn_`` prefix and their unit; durations are in seconds with 
 or user ids; a request naming an unknown model is counted under ``model="unknown"``.
 
 =====================================  =========  =============================================
-mldcn_requests_total                   counter    /v1/score responses by model and HTTP code
+mldcn_requests_total                   counter    scoring responses by model and HTTP code
 mldcn_request_duration_seconds         histogram  arrival to response, by model and code
 mldcn_queue_duration_seconds           histogram  enqueue to first batch, by model and version
 mldcn_compute_duration_seconds         histogram  ONNX Runtime time per batch
 mldcn_batch_size_rows                  histogram  rows per ONNX Runtime batch
 mldcn_candidates_per_request           histogram  candidates per request
 mldcn_queue_depth_requests             gauge      requests waiting, per model
-mldcn_inflight_requests                gauge      /v1/score requests being handled
+mldcn_inflight_requests                gauge      scoring requests being handled
 mldcn_rejected_requests_total          counter    requests not scored, by model and reason
 mldcn_degraded_requests_total          counter    requests scored by the fallback model instead
 mldcn_deadline_slack_seconds           histogram  deadline minus finish, of served requests
@@ -97,10 +97,11 @@ class Metrics:
     def __init__(self) -> None:
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         r = self.registry = CollectorRegistry(auto_describe=True)
-        self.requests = Counter("mldcn_requests", "/v1/score responses by model and HTTP code",
+        self.requests = Counter("mldcn_requests",
+                                "scoring responses (/v1/score, /v2 infer) by model and code",
                                 ["model", "code"], registry=r)
         self.request_duration = Histogram(
-            "mldcn_request_duration_seconds", "arrival to response of /v1/score",
+            "mldcn_request_duration_seconds", "arrival to response of a scoring request",
             ["model", "code"], buckets=LATENCY_BUCKETS_S, registry=r)
         self.queue_duration = Histogram(
             "mldcn_queue_duration_seconds", "enqueue to first batch", ["model", "version"],
@@ -114,7 +115,7 @@ class Metrics:
                                     ["model"], buckets=ROW_BUCKETS, registry=r)
         self.queue_depth = Gauge("mldcn_queue_depth_requests", "requests waiting", ["model"],
                                  multiprocess_mode="livesum", registry=r)
-        self.in_flight = Gauge("mldcn_inflight_requests", "/v1/score requests being handled",
+        self.in_flight = Gauge("mldcn_inflight_requests", "scoring requests being handled",
                                multiprocess_mode="livesum", registry=r)
         self.rejected = Counter("mldcn_rejected_requests", "requests not scored, by reason",
                                 ["model", "reason"], registry=r)

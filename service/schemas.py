@@ -5,7 +5,7 @@ The pydantic models make the OpenAPI schema and the error details; the msgspec S
 validated and encoded at C speed. :func:`decode_score` reads a body with msgspec and, only when
 msgspec refuses it, lets pydantic decide: pydantic's answer (a 422 naming the field, or a
 request msgspec is stricter about, such as ``NaN`` or a UTF-16 body) is the contract, so both
-paths accept and refuse the same bodies (tests/test_service_units.py checks them side by side).
+paths accept and refuse the same bodies (tests/test_schemas.py checks them side by side).
 
 A feature value is a string, an integer, a finite number, a boolean or null (missing). Which
 fields a model reads, and on which side (``user``, ``context`` or per ``candidate``), comes from

@@ -242,10 +242,8 @@ class ScoringService:
             raise ServiceError(422, "invalid_request", f"{rows} candidates, at most "
                                f"{s.max_candidates} (max_candidates) are accepted",
                                field="candidates")
-        if not ctx.warmup:
+        if not ctx.warmup:  # what was asked, refused or not (a traffic metric)
             metrics.child(metrics.candidates, model.name).observe(rows)
-            if ctx.body_bytes:
-                self.admission.body_seen(ctx.route, ctx.body_bytes, rows)
         if timeout_ms is not None:
             ctx.deadline_s = min(ctx.deadline_s, ctx.arrival_s + timeout_ms / 1e3)
         now_s = time.monotonic()
@@ -259,10 +257,14 @@ class ScoringService:
         served = decision.model
         if decision.degraded and not ctx.warmup:
             metrics.child(metrics.degraded, model.name, "predicted_deadline_miss").inc()
+        encode_start_s = time.monotonic()
         cat, dense = encode(served, not decision.degraded)
         entry = self.registry.get(served.name)
         if not ctx.warmup:  # the start-up request's cold timings would skew the models
-            entry.encode_cost.observe(rows, time.monotonic() - now_s)
+            entry.encode_cost.observe(rows, time.monotonic() - encode_start_s)
+            # only a body that encoded is evidence of the route's bytes per candidate
+            if ctx.body_bytes:
+                self.admission.body_seen(ctx.route, ctx.body_bytes, rows)
         try:
             item = entry.batcher.submit(cat, dense, ctx.deadline_s)
         except QueueFull as e:

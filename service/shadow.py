@@ -1,14 +1,14 @@
 """Shadow scoring: a second model scores a copy of the traffic, off the critical path.
 
-With ``shadow_model`` set, every scored request (``/v1/score`` and raw-feature ``/v2`` infer;
-a ``shadow_fraction`` of them) is copied to the shadow model **after its response has been
-sent**: the edge middleware starts the copy once the last byte is handed to the server, so the
-copy can neither delay nor change the response, and it never enters the request's budget or
-admission control. The copy is encoded for the shadow model (fields it does not know are
-ignored) and queued on the shadow's own :class:`~service.batcher.Batcher` (one ONNX Runtime
-thread, at most ``shadow_max_queue_size`` copies waiting; a busy queue drops the copy at once),
-with its own deadline ``shadow_timeout_ms``. Requests the shadow model itself scored, and
-``/v2`` requests sent as encoded tensors (another model's layout), are not copied.
+With ``shadow_model`` set, every scored request (``/v1/score`` and raw-feature ``/v2`` infer; a
+``shadow_fraction`` of them) is copied to the shadow model **after its response has been
+sent**: the ASGI edge (:mod:`service.edge`) starts the copy once the last byte is handed to the
+server, so the copy can neither delay nor change the response, and it never enters the
+request's budget or admission control. The copy is encoded for the shadow model (fields it does
+not know are ignored) and queued on the shadow's own :class:`~service.batcher.Batcher` (one
+ONNX Runtime thread, at most ``shadow_max_queue_size`` copies waiting; a busy queue drops the
+copy at once), with its own deadline ``shadow_timeout_ms``. Requests the shadow model itself
+scored, and ``/v2`` requests sent as encoded tensors (another model's layout), are not copied.
 
 The shadow's scores are never returned. They are summarised per (primary ``model``,
 ``shadow``) pair in Prometheus: ``mldcn_shadow_requests_total{result}`` (``scored``,

@@ -11,11 +11,12 @@ Ctrl-C reaches only the supervisor), and
   ``draining``, admitted ones finish, exit 0); the supervisor exits 0 once all have (a second
   signal makes them exit at once);
 - restarts a worker that dies while serving (its replacement replays the admin actions so far,
-  :mod:`service.broadcast`); a worker that dies before it ever served (a model that does not
-  load, a port in use) stops the whole server with exit code 3, as a single server would;
-- gives the workers a shared ``control_dir`` (admin calls reach every worker) and, from the
-  CLI, a ``PROMETHEUS_MULTIPROC_DIR`` (``/metrics`` adds up every worker, whichever answers),
-  and each its ``worker_index`` (``device_ids`` spreads them over GPUs).
+  :mod:`service.broadcast`; a replacement that fails before it serves is retried after a
+  pause); a first worker that dies before it ever served (a model that does not load, a port
+  in use) stops the whole server with exit code 3, as a single server would;
+- gives the workers a shared ``control_dir`` (admin calls reach every worker), a
+  ``PROMETHEUS_MULTIPROC_DIR`` unless one is set (``/metrics`` adds up every worker, whichever
+  answers), and each its ``worker_index`` (``device_ids`` spreads them over GPUs).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from service.metrics import MULTIPROC_ENV
 from service.settings import ENV_PREFIX, Settings
 
 log = logging.getLogger("uvicorn.error")
@@ -79,6 +81,7 @@ class Supervisor:
         self.access_log = access_log
         self.workers: dict[int, BaseProcess] = {}  # worker index -> process
         self.served: set[int] = set()  # pids of the workers that became ready
+        self.replaced: set[int] = set()  # indices whose first process died while serving
         self.stopping_s: float | None = None
         self.signals = 0
         self._spawn = multiprocessing.get_context("spawn")
@@ -126,6 +129,10 @@ class Supervisor:
         sock = self._bind()
         host, port = sock.getsockname()[:2]
         control_dir = Path(tempfile.mkdtemp(prefix="mldcn-control-"))
+        metrics_dir = None  # the workers' metric files, unless the caller chose a folder
+        if not os.environ.get(MULTIPROC_ENV):
+            metrics_dir = tempfile.mkdtemp(prefix="mldcn-prometheus-")
+            os.environ[MULTIPROC_ENV] = metrics_dir
         previous = {sig: signal.signal(sig, self._on_signal)
                     for sig in (signal.SIGTERM, signal.SIGINT)}
         log.info("supervisor %d: %d workers on http://%s:%d", os.getpid(),
@@ -144,6 +151,9 @@ class Supervisor:
                     p.join(5)
             sock.close()
             shutil.rmtree(control_dir, ignore_errors=True)
+            if metrics_dir is not None:
+                os.environ.pop(MULTIPROC_ENV, None)
+                shutil.rmtree(metrics_dir, ignore_errors=True)
         if any(c == 3 for c in codes.values()):
             return 3
         return 0 if all(c == 0 for c in codes.values()) else 1
@@ -165,7 +175,7 @@ class Supervisor:
                     continue
                 codes[i] = p.exitcode
                 _forget_metrics(p.pid)
-                if self.stopping_s is None and p.pid not in self.served:
+                if self.stopping_s is None and p.pid not in self.served and i not in self.replaced:
                     log.error("worker %d (pid %s) exited with %s before it served: stopping",
                               i, p.pid, p.exitcode)
                     codes[i] = 3
@@ -174,6 +184,7 @@ class Supervisor:
                 elif self.stopping_s is None:
                     log.error("worker %d (pid %s) exited with %s; restarting it", i, p.pid,
                               p.exitcode)
+                    self.replaced.add(i)
                     time.sleep(RESTART_BACKOFF_S)
                     if self.stopping_s is None:  # no signal during the pause
                         self._start(i, sock, control_dir)
@@ -188,7 +199,7 @@ class Supervisor:
 
 def _forget_metrics(pid: Any) -> None:
     """Drop a dead worker's live gauges from the multiprocess metrics files."""
-    if pid is not None and os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    if pid is not None and os.environ.get(MULTIPROC_ENV):
         from prometheus_client import multiprocess
 
         multiprocess.mark_process_dead(pid)

@@ -41,6 +41,19 @@ BUDGET_REASONS: dict[int, frozenset[str]] = {
 }
 INFER_OPERATIONS = SCORING_OPERATIONS - {("POST", "/v1/score")}
 RAGGED = re.compile(r"has \d+ values, other columns have \d+")
+# /v2 infer 400s for constraints between fields or against the served model, which a JSON
+# Schema cannot state (the request's own shape errors are not here: those the schema states)
+INFER_CONSISTENCY = re.compile("|".join([
+    r"\d+ values for shape ", r"rows, other inputs have ", r"cat_ids has \d+ rows, dense ",
+    r"not a mix", r": datatype \w+, expected ", r": shape \[.*\], expected ",
+    r"not a feature of model ", r"categorical, send BYTES", r"numeric, send FP32",
+    r"holds an id outside ", r"values must be finite", r" data must be (numbers|integers|"
+    r"strings|true/false)", r"BOOL data must be", r"a value does not fit ", r"is given twice",
+    r"no rows to score", r"binary data", r"BYTES element", r"bytes left after",
+    r"data is nested too deeply", r"the only output is ", r"\(model '",
+    r"not valid JSON",  # the JSON header of a binary (octet-stream) body
+    r"Inference-Header-Content-Length ",
+]))
 MODELS = [m for m in os.environ.get("MLDCN_FUZZ_MODELS", "").split(",") if m]
 VERSION = os.environ.get("MLDCN_FUZZ_VERSION", "1")
 
@@ -118,6 +131,9 @@ def is_consistency_answer(method: str, path: str, status: int, content: bytes) -
     True
     >>> is_consistency_answer("POST", "/v2/models/{name}/infer", 422, v2)
     False
+    >>> shape = b'{"error": "id must be a string, got int", "reason": "invalid_request"}'
+    >>> is_consistency_answer("POST", "/v2/models/{name}/infer", 400, shape)
+    False
     """
     key = (method.upper(), path)
     if key == ("POST", "/v1/score") and status == 422:
@@ -125,8 +141,14 @@ def is_consistency_answer(method: str, path: str, status: int, content: bytes) -
             return bool(RAGGED.search(json.loads(content).get("message", "")))
         except (ValueError, AttributeError):
             return False
-    return key in INFER_OPERATIONS and status == 400 and "invalid_request" in error_reasons(
-        content)
+    if key not in INFER_OPERATIONS or status != 400:
+        return False
+    try:
+        body = json.loads(content)
+    except ValueError:
+        return False
+    return (isinstance(body, dict) and body.get("reason") == "invalid_request"
+            and bool(INFER_CONSISTENCY.search(str(body.get("error", "")))))
 
 
 @schemathesis.check

@@ -296,7 +296,7 @@ def test_bench_gpu_without_cuda_exits_2(tmp_path: Path) -> None:
 def test_bench_gpu_allow_cpu_runs_in_process(repo: Path, tmp_path: Path) -> None:
     import argparse
 
-    from service import bench_gpu
+    from loadtest import bench_gpu
 
     out = tmp_path / "gpu.json"
     args = argparse.Namespace(repo=str(repo), models="dcnv2,dcnv2-fp16", preset="small",
