@@ -2,7 +2,7 @@
 VENV   ?= .venv
 PYTHON ?= python3
 PY      = $(VENV)/bin/python
-EXTRAS ?= train,serve,export,loadtest,dev
+EXTRAS ?= train,serve,export,loadtest,tune,dev
 
 .PHONY: install demo test lint bench-train bench-memory docker-test clean
 

@@ -72,7 +72,7 @@ from model.encoders import FeatureEncoders
 from model.flops import model_flops
 from model.fuse import fuse_for_inference
 from model.metrics import roc_auc
-from model.modules import MaskedLowRankCrossNet
+from model.modules import MLP, MaskedLowRankCrossNet
 from model.schema import SchemaError
 
 OPSET = 17
@@ -276,6 +276,8 @@ def serving_form(model: nn.Module) -> tuple[nn.Module, str]:
 
     ML-DCN models (``CTRModel`` with a ``MaskedLowRankCrossNet``) become
     ``model.fuse.fuse_for_inference(model)``: the same function with fewer, larger operators.
+    Other models are traced as they are, except that a deep tower with BatchNorm is replaced
+    (in a copy) by its eval-mode form with each BatchNorm folded into its Linear.
 
     Example:
         >>> from model.ctr import build_model
@@ -287,6 +289,10 @@ def serving_form(model: nn.Module) -> tuple[nn.Module, str]:
     """
     if isinstance(model, CTRModel) and isinstance(model.interaction, MaskedLowRankCrossNet):
         return fuse_for_inference(model), "fused"
+    if isinstance(model, CTRModel) and isinstance(model.mlp, MLP) and any(
+            isinstance(m, nn.BatchNorm1d) for m in model.mlp.modules()):
+        model = copy.deepcopy(model).eval()
+        model.mlp = model.mlp.for_inference()
     return model, "plain"
 
 

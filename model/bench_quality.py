@@ -40,6 +40,7 @@ import numpy as np
 
 from model.config import ARCHS
 from model.flops import resolved_token_dim
+from model.overrides import Overrides, for_arch
 from model.presets import LEVELS, preset, preset_table
 
 REFERENCE_ARCH = "dcnv2"
@@ -167,24 +168,29 @@ def load_cells(out_dir: Path) -> list[dict[str, Any]]:
 
 def train_cell(
     data: Any, cards: list[int], num_dense: int, arch: str, level: str, seed: int,
-    train_kw: dict[str, Any], log: Log,
+    train_kw: dict[str, Any], log: Log, overrides: Overrides | None = None,
 ) -> dict[str, Any]:
-    """Train one (arch, level, seed) on prepared data; return its metrics (no test-based choice)."""
+    """Train one (arch, level, seed) on prepared data; return its metrics (no test-based choice).
+
+    ``overrides`` (a config file's, for this arch) change the preset's model settings and
+    ``train_kw``."""
     import torch
 
     from model.ctr import build_model
     from model.flops import model_flops
-    from model.train import TrainConfig, evaluate, fit
+    from model.train import TrainConfig, calibrate, evaluate, fit
 
-    cfg = preset(arch, level, cards, num_dense)
-    train_cfg = TrainConfig(seed=seed, progress=False, **train_kw)
+    o = overrides or Overrides()
+    cfg = preset(arch, level, cards, num_dense, **o.model)
+    train_cfg = TrainConfig(seed=seed, progress=False, **{**train_kw, **o.train})
     torch.manual_seed(seed)
     np.random.seed(seed)
     model = build_model(cfg, cards, num_dense)
     flops = model_flops(cfg, cards, num_dense)
     t0 = time.perf_counter()
-    history = fit(model, data, train_cfg, log=lambda m: None)
+    history = fit(model, data, train_cfg, log=lambda m: None, embedding_l2=cfg.embedding_l2)
     train_s = time.perf_counter() - t0
+    calibrated = calibrate(model, data, train_cfg, log=lambda m: None)
     valid = evaluate(model, data.shards["valid"], train_cfg.eval_batch_size)
     test = evaluate(model, data.shards["test"], train_cfg.eval_batch_size)
     best_epoch = 1 + int(np.argmax([h["valid_auc"] for h in history]))
@@ -202,6 +208,7 @@ def train_cell(
         "dense_params": flops.dense_params,
         "valid": valid,
         "test": test,
+        "calibration": calibrated,
         "epochs_run": len(history),
         "best_epoch": best_epoch,
         "train_s": train_s,
@@ -233,6 +240,9 @@ def summarise(cells: list[dict[str, Any]], archs: Sequence[str], levels: Sequenc
                 "dense_params": first["dense_params"],
                 "test_auc": mean_ci([mine[s]["test"]["auc"] for s in seeds]),
                 "test_logloss": mean_ci([mine[s]["test"]["logloss"] for s in seeds]),
+                **{f"test_{k}": mean_ci([mine[s]["test"][k] for s in seeds])
+                   for k in ("pred_obs_ratio", "ece")
+                   if all(k in mine[s]["test"] for s in seeds)},
                 "valid_auc": mean_ci([mine[s]["valid"]["auc"] for s in seeds]),
                 "train_s": mean_ci([mine[s]["train_s"] for s in seeds]),
                 "epochs_run": mean_ci([mine[s]["epochs_run"] for s in seeds]),
@@ -379,17 +389,20 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         "## Results",
         "",
-        "| level | arch | MFLOPs/ex | params | n | test AUC | test logloss | ΔAUC vs DCNv2 "
-        "[95% CI] | AUC verdict | Δlogloss vs DCNv2 [95% CI] | train s | epochs |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| level | arch | MFLOPs/ex | params | n | test AUC | test logloss | pred/obs CTR | "
+        "ECE | ΔAUC vs DCNv2 [95% CI] | AUC verdict | Δlogloss vs DCNv2 [95% CI] | train s | "
+        "epochs |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         vs = r["vs_dcnv2"] or {}
         d_auc, d_ll = vs.get("test_auc"), vs.get("test_logloss")
+        ratio, ece = r.get("test_pred_obs_ratio"), r.get("test_ece")
         lines.append(
             f"| {r['level']} | {r['arch']} | {r['flops_per_example'] / 1e6:.4f} | "
             f"{r['params']:,} | {len(r['seeds'])} | {_pm(r['test_auc'])} | "
-            f"{_pm(r['test_logloss'])} | {_diff(d_auc)} | "
+            f"{_pm(r['test_logloss'])} | {_pm(ratio, 3) if ratio else '–'} | "
+            f"{_pm(ece) if ece else '–'} | {_diff(d_auc)} | "
             f"{d_auc['verdict'] if d_auc else '–'} | {_diff(d_ll)} | "
             f"{r['train_s']['mean']:.1f} | {r['epochs_run']['mean']:.1f} |"
         )
@@ -430,27 +443,118 @@ def render_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# --- two studies ----------------------------------------------------------------------------------
+
+
+def compare_studies(base_dir: str | Path, new_dir: str | Path) -> dict[str, Any]:
+    """Study ``new`` against study ``base`` cell by cell: per (arch, level), the paired
+    difference new − base of test AUC and logloss over the seeds both finished.
+
+    Pairing by seed is sound because both studies must hold the same data files and split
+    (checked: a ValueError otherwise); they differ in their recipe (model and training
+    settings), which is what the difference measures.
+    """
+    studies = []
+    for d in (base_dir, new_dir):
+        path = Path(d) / "study.json"
+        if not path.is_file():
+            raise ValueError(f"{d} holds no study (no study.json)")
+        studies.append(json.loads(path.read_text()))
+    same = ("files", "test_files", "valid_files", "split")
+    a, b = (s["identity"] for s in studies)
+    if any(a.get(k) != b.get(k) for k in same):
+        raise ValueError("the two studies do not share data and split; a paired comparison "
+                         "needs both")
+    base, new = (
+        {(c["arch"], c["level"], c["seed"]): c for c in load_cells(Path(d))}
+        for d in (base_dir, new_dir))
+    rows = []
+    pairs = sorted({k[:2] for k in base} & {k[:2] for k in new},
+                   key=lambda k: (LEVELS.index(k[1]) if k[1] in LEVELS else 99, k[0]))
+    for arch, level in pairs:
+        row: dict[str, Any] = {"arch": arch, "level": level}
+        for metric, higher in (("auc", True), ("logloss", False)):
+            mine = {k[2]: c["test"][metric] for k, c in new.items() if k[:2] == (arch, level)}
+            ref = {k[2]: c["test"][metric] for k, c in base.items() if k[:2] == (arch, level)}
+            row[f"base_{metric}"] = mean_ci([ref[s] for s in sorted(ref)])
+            row[f"new_{metric}"] = mean_ci([mine[s] for s in sorted(mine)])
+            row[f"delta_{metric}"] = paired_difference(mine, ref, higher_is_better=higher)
+        rows.append(row)
+    return {"base": {"dir": str(base_dir), "command": studies[0]["command"],
+                     "train": studies[0]["train_description"]},
+            "new": {"dir": str(new_dir), "command": studies[1]["command"],
+                    "train": studies[1]["train_description"]},
+            "rows": rows}
+
+
+def render_comparison(cmp: dict[str, Any], title: str = "") -> str:
+    """:func:`compare_studies` as markdown."""
+    lines = [f"# {title or 'Recipe comparison'}", "",
+             f"- base: `{cmp['base']['dir']}`: {cmp['base']['train']}",
+             f"- new: `{cmp['new']['dir']}`: {cmp['new']['train']}", "",
+             "Paired by seed (same data, split and seeds); Δ = new − base, 95% CI (t, n−1); a "
+             "win for AUC is an interval above 0, for logloss below 0.", "",
+             "| level | arch | n | base AUC | new AUC | ΔAUC [95% CI] | verdict | base logloss "
+             "| new logloss | Δlogloss [95% CI] | verdict |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in cmp["rows"]:
+        da, dl = r["delta_auc"], r["delta_logloss"]
+        lines.append(
+            f"| {r['level']} | {r['arch']} | {da['n'] if da else 0} | {_pm(r['base_auc'])} | "
+            f"{_pm(r['new_auc'])} | {_diff(da)} | {da['verdict'] if da else '–'} | "
+            f"{_pm(r['base_logloss'])} | {_pm(r['new_logloss'])} | {_diff(dl)} | "
+            f"{dl['verdict'] if dl else '–'} |")
+    lines += ["", "Commands:", "", "```bash", cmp["base"]["command"], cmp["new"]["command"],
+              "```", ""]
+    return "\n".join(lines)
+
+
+def compare_main(args: argparse.Namespace) -> dict[str, Any]:
+    """``mldcn bench quality-diff``: write the comparison's JSON and markdown."""
+    cmp = compare_studies(args.base, args.new)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _write_json(out.with_suffix(".json"), cmp)
+    out.with_suffix(".md").write_text(render_comparison(cmp, args.title))
+    for r in cmp["rows"]:
+        d = r["delta_auc"]
+        if d:
+            print(f"{r['level']:<7} {r['arch']:<10} ΔAUC {_diff(d)} {d['verdict']}")
+    print(f"wrote {out.with_suffix('.md')}")
+    return cmp
+
+
 # --- study ----------------------------------------------------------------------------------------
 
 
-def preset_rows(cards: list[int], num_dense: int, archs: Sequence[str], levels: Sequence[str]
-                ) -> list[dict[str, Any]]:
-    """:func:`~model.presets.preset_table`'s rows as the report shows them: shared and key
-    hyper-parameters as text (RankMixer's token width resolved), FLOPs, params, mismatch."""
+def preset_rows(cards: list[int], num_dense: int, archs: Sequence[str], levels: Sequence[str],
+                overrides: Sequence[Overrides] = ()) -> list[dict[str, Any]]:
+    """:func:`~model.presets.preset_table`'s rows as the report shows them (with each arch's
+    ``overrides`` applied): shared and key hyper-parameters as text (RankMixer's token width
+    resolved), FLOPs, params, mismatch."""
+    from model.flops import model_flops
+
     rows = []
+    reference = {lv: model_flops(preset(REFERENCE_ARCH, lv, cards, num_dense,
+                                        **for_arch(overrides, REFERENCE_ARCH).model),
+                                 cards, num_dense).total for lv in levels}
     for r in preset_table(cards, num_dense, levels=levels, archs=archs):
-        cfg = preset(r["arch"], r["level"], cards, num_dense)
-        key = dict(r["key"])
+        o = for_arch(overrides, r["arch"])
+        cfg = preset(r["arch"], r["level"], cards, num_dense, **o.model)
+        key = dict(r["key"]) if not o.model else {k: getattr(cfg, k) for k in r["key"]}
         if r["arch"] == "rankmixer":
             key["token_dim"] = resolved_token_dim(cfg, len(cards), num_dense)
+        cost = model_flops(cfg, cards, num_dense)
         rows.append({
             "level": r["level"],
             "arch": r["arch"],
             "shared": f"e={cfg.embed_dim}, L={cfg.num_layers}, {cfg.structure}, "
                       f"MLP {'-'.join(map(str, cfg.mlp_dims)) or 'none'}, "
-                      f"dropout {cfg.dropout}",
+                      f"dropout {cfg.dropout}, BN {'on' if cfg.batch_norm else 'off'}, "
+                      f"emb L2 {cfg.embedding_l2:g}",
             "key": ", ".join(f"{k}={v}" for k, v in key.items()),
-            **{k: r[k] for k in ("total_flops", "params", "mismatch")},
+            "total_flops": cost.total, "params": cost.params,
+            "mismatch": cost.total / reference[r["level"]] - 1,
         })
     return rows
 
@@ -475,24 +579,27 @@ def run_study(
     title: str = "",
     threads: int | None = None,
     log: Log = lambda m: print(m, file=sys.stderr, flush=True),
+    valid_source: Any = None,
+    overrides: Sequence[Overrides] = (),
 ) -> dict[str, Any]:
     """Run (or resume) the study and write the report; returns the report dict.
 
     Args:
-        source: a ``DataSource``; split into train/valid/test by ``split`` (with ``test_source``
-            the test rows come from there instead and ``split`` should have test_frac 0).
+        source: a ``DataSource``; split into train/valid/test by ``split`` (with
+            ``valid_source`` / ``test_source``, pre-split files, those rows come from there
+            instead: :func:`model.dataset.prepare_sources`).
         split: a ``SplitSpec``, the same for every cell.
         out_dir: the study folder (cells, report, plot).
         archs, levels, seeds: the grid.
         train_kw: ``TrainConfig`` fields other than seed (epochs, batch_size, lr, patience…).
         command: the command line recorded in the report.
+        overrides: config files (``--config``): each arch's model and training overrides.
     """
     import shutil
 
     import torch
 
-    from model.dataset import prepare
-    from model.split import SplitSpec
+    from model.dataset import prepare_sources
 
     bad = [a for a in archs if a not in ARCHS]
     if bad:
@@ -517,8 +624,15 @@ def run_study(
 
     files = _file_info(source.paths)
     test_files = _file_info(test_source.paths) if test_source is not None else []
-    identity = {"files": files, "test_files": test_files, "split": asdict(split),
-                "train": train_kw}
+    valid_files = _file_info(valid_source.paths) if valid_source is not None else []
+    recipes = {a: for_arch(overrides, a) for a in archs}
+    identity: dict[str, Any] = {"files": files, "test_files": test_files, "split": asdict(split),
+                                "train": train_kw}
+    if valid_files:
+        identity["valid_files"] = valid_files
+    if any(o.model or o.train for o in recipes.values()):  # absent in a study without any
+        identity["overrides"] = {a: {"model": o.model, "train": o.train}
+                                 for a, o in recipes.items()}
     study_path = out / "study.json"
     if study_path.exists():
         old = json.loads(study_path.read_text())
@@ -530,12 +644,7 @@ def run_study(
 
     cache = out / ".prepared"
     t0 = time.perf_counter()
-    data = prepare(source, split, cache)
-    if test_source is not None:
-        test_data = prepare(test_source, SplitSpec(valid_frac=0.0, test_frac=0.0),
-                            cache / "test", encoders=data.encoders)
-        data.shards["test"] = test_data.shards["train"]
-        data.stats["test"] = test_data.stats["train"]
+    data = prepare_sources(source, split, cache, valid_source, test_source)
     sizes = ", ".join(f"{k} {v['rows']:,}" for k, v in _split_stats(data.stats))
     log(f"data: {sizes} rows ({time.perf_counter() - t0:.1f}s)")
     cards, num_dense = data.encoders.cardinalities, data.encoders.num_dense
@@ -544,9 +653,10 @@ def run_study(
                   f"by time column `{split.time_column}`: earliest "
                   f"{1 - split.valid_frac - split.test_frac:.0%} train, next "
                   f"{split.valid_frac:.0%} valid, latest {split.test_frac:.0%} test")
-    if test_source is not None:
-        split_desc += "; test rows: the separate test file(s), encoded with the train encoders"
-    tk = train_kw
+    for name, extra in (("validation", valid_source), ("test", test_source)):
+        if extra is not None:
+            split_desc += (f"; {name} rows: the separate {name} file(s), encoded with the "
+                           "train encoders")
     study = {
         "title": title,
         "command": command,
@@ -557,14 +667,10 @@ def run_study(
         "data": {"files": files, "test_files": test_files, "splits": data.stats,
                  "cardinalities": cards, "num_dense": num_dense},
         "split_description": split_desc,
-        "train_description": (
-            f"Adam lr {tk.get('lr', 1e-3)}, batch {tk.get('batch_size', 1024)}, up to "
-            f"{tk.get('epochs', 10)} epochs, early stop after {tk.get('early_stop_patience', 2)} "
-            "epochs without validation-AUC gain, lr ×0.1 on a validation-AUC plateau, gradient "
-            "clip 10, BCE loss"),
+        "train_description": train_description(train_kw, recipes),
         "machine": f"{os.cpu_count()} CPUs, torch {torch.__version__}, "
                    f"{torch.get_num_threads()} torch thread(s)",
-        "presets": preset_rows(cards, num_dense, archs, levels),
+        "presets": preset_rows(cards, num_dense, archs, levels, overrides),
     }
     _write_json(study_path, study)
     try:
@@ -574,12 +680,30 @@ def run_study(
                     path = out / "cells" / f"{cell_name(arch, level, seed)}.json"
                     if path.exists():
                         continue
-                    cell = train_cell(data, cards, num_dense, arch, level, seed, train_kw, log)
+                    cell = train_cell(data, cards, num_dense, arch, level, seed, train_kw, log,
+                                      recipes[arch])
                     _write_json(path, cell)
                     write_report(out, study, load_cells(out))
     finally:
         shutil.rmtree(cache, ignore_errors=True)
     return write_report(out, study, load_cells(out))
+
+
+def train_description(train_kw: dict[str, Any], recipes: dict[str, Overrides]) -> str:
+    """The training recipe as the report states it (each arch's training overrides named)."""
+    from model.train import TrainConfig
+
+    t = TrainConfig(**train_kw)
+    text = (f"Adam lr {t.lr}, batch {t.batch_size}, early stop after {t.early_stop_patience} "
+            f"epochs without validation-AUC gain (at most {t.epochs} epochs), lr ×{t.lr_factor} "
+            f"after {t.lr_patience + 1} epoch(s) without gain, gradient clip "
+            f"{t.grad_clip_norm:g}, BCE loss (+ the embedding regulariser where the model "
+            f"settings set one), calibration {t.calibrate}")
+    tuned = {a: o.train for a, o in recipes.items() if o.train}
+    if tuned:
+        text += "; overridden per arch (--config): " + "; ".join(
+            f"{a}: " + ", ".join(f"{k} {v}" for k, v in kw.items()) for a, kw in tuned.items())
+    return text
 
 
 def _csv(text: str) -> list[str]:
@@ -607,6 +731,8 @@ class _Head:
 def command_line(args: argparse.Namespace) -> str:
     """The ``mldcn bench quality`` command that reproduces ``args`` (every option spelled out)."""
     words = ["mldcn", "bench", "quality", "--data", *args.data]
+    if args.valid_data:
+        words += ["--valid-data", *args.valid_data]
     if args.test_data:
         words += ["--test-data", *args.test_data]
     if args.format != "auto":
@@ -616,14 +742,20 @@ def command_line(args: argparse.Namespace) -> str:
     words += ["--split", args.split]
     if args.time_column:
         words += ["--time-column", args.time_column]
-    words += ["--valid-frac", str(args.valid_frac)]
+    if not args.valid_data:
+        words += ["--valid-frac", str(args.valid_frac)]
     if not args.test_data:
         words += ["--test-frac", str(args.test_frac)]
     if args.split == "random":
         words += ["--split-seed", str(args.split_seed)]
     words += ["--archs", args.archs, "--levels", args.levels, "--seeds", str(args.seeds),
               "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
-              "--lr", str(args.lr), "--patience", str(args.patience)]
+              "--lr", str(args.lr), "--patience", str(args.patience),
+              "--lr-patience", str(args.lr_patience)]
+    if args.calibrate != "none":
+        words += ["--calibrate", args.calibrate]
+    for path in args.config:
+        words += ["--config", path]
     if args.max_rows:
         words += ["--max-rows", str(args.max_rows)]
     words += ["--threads", str(args.threads)]
@@ -638,27 +770,31 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     from model.readers import open_source
     from model.split import SplitSpec
 
-    for path in [*args.data, *(args.test_data or [])]:
+    for path in [*args.data, *(args.valid_data or []), *(args.test_data or [])]:
         if not Path(path).exists():
             raise ValueError(f"data file not found: {path}")
     source = open_source(args.data, fmt=args.format, schema=args.schema)
-    test_source = (open_source(args.test_data, fmt=args.format, schema=source.schema)
-                   if args.test_data else None)
+    valid_source, test_source = (
+        open_source(paths, fmt=args.format, schema=source.schema) if paths else None
+        for paths in (args.valid_data, args.test_data))
     if args.max_rows:
         source = _Head(source, args.max_rows)
-        if test_source is not None:
-            test_source = _Head(test_source, args.max_rows)
+        valid_source, test_source = (None if s is None else _Head(s, args.max_rows)
+                                     for s in (valid_source, test_source))
+    valid_frac = 0.0 if valid_source is not None else args.valid_frac
     test_frac = 0.0 if test_source is not None else args.test_frac
     time_column = args.time_column or source.schema.time_column
-    split = SplitSpec(kind=args.split, valid_frac=args.valid_frac, test_frac=test_frac,
+    split = SplitSpec(kind=args.split, valid_frac=valid_frac, test_frac=test_frac,
                       seed=args.split_seed,
                       time_column=time_column if args.split == "time" else None)
     train_kw = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
-                "early_stop_patience": args.patience}
+                "early_stop_patience": args.patience, "lr_patience": args.lr_patience,
+                "calibrate": args.calibrate}
+    overrides = [Overrides.load(path) for path in args.config]
     report = run_study(
         source, split, args.out, _csv(args.archs), _csv(args.levels), list(range(args.seeds)),
         train_kw, command=command_line(args), test_source=test_source, title=args.title,
-        threads=args.threads,
+        threads=args.threads, valid_source=valid_source, overrides=overrides,
     )
     print(f"{report['cells_done']}/{report['cells_expected']} cells; report: "
           f"{Path(args.out) / 'report.md'}")

@@ -100,17 +100,28 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     d.add_argument("--time-column", help="time column for --split time (default: the schema's)")
     d.add_argument("--valid-frac", type=float, default=0.1)
     d.add_argument("--test-frac", type=float, default=0.1)
+    d.add_argument("--valid-data", nargs="+", metavar="PATH",
+                   help="pre-split validation file(s): --data then gives no validation rows")
+    d.add_argument("--test-data", nargs="+", metavar="PATH",
+                   help="pre-split test file(s): --data then gives no test rows")
     m = p.add_argument_group("model")
     m.add_argument("--arch", default="mldcn",
                    help="mldcn, dcnv2, masknet, mlp, wukong or rankmixer")
     m.add_argument("--preset", default="small", help="matched-FLOPs level: small, medium, large")
+    m.add_argument("--config", action="append", default=[], metavar="FILE",
+                   help="model and training overrides from a JSON file, e.g. the best config "
+                   "`mldcn tune` wrote (repeatable; --set and explicit flags win)")
     m.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a model hyper-parameter, e.g. --set rank=32 (repeatable)")
     o = p.add_argument_group("optimisation")
-    o.add_argument("--epochs", type=int, default=10)
-    o.add_argument("--batch-size", type=int, default=1024)
-    o.add_argument("--lr", type=float, default=1e-3)
-    o.add_argument("--patience", type=int, default=2, help="early-stopping patience (epochs)")
+    o.add_argument("--epochs", type=int, default=None,
+                   help="epoch cap (default 100: early stopping ends a run)")
+    o.add_argument("--batch-size", type=int, default=None, help="default 1024")
+    o.add_argument("--lr", type=float, default=None, help="default 0.001")
+    o.add_argument("--patience", type=int, default=None,
+                   help="early-stopping patience in epochs (default 2)")
+    o.add_argument("--calibrate", choices=["none", "temperature"], default=None,
+                   help="post-hoc calibration fitted on validation (default none)")
     o.add_argument("--seed", type=int, default=0)
     o.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
     o.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -118,8 +129,17 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
 
 
+def _existing(paths: Sequence[str] | None) -> list[str]:
+    """``paths`` (None: none), each checked to exist (CLIError naming the first missing)."""
+    for path in paths or []:
+        if not Path(path).exists():
+            raise CLIError(f"data file not found: {path}")
+    return list(paths or [])
+
+
 def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     from model.config import ARCHS
+    from model.overrides import Overrides, for_arch
     from model.presets import LEVELS, preset
     from model.readers import open_source
     from model.split import SplitSpec
@@ -139,6 +159,9 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
             if not Path(path).exists():
                 raise CLIError(f"data file not found: {path}")
         source = open_source(args.data, fmt=args.format, schema=args.schema)
+    valid_source, test_source = (
+        open_source(paths, fmt=args.format, schema=source.schema) if paths else None
+        for paths in (_existing(args.valid_data), _existing(args.test_data)))
     time_column = args.time_column or source.schema.time_column
     split = SplitSpec(kind=args.split, valid_frac=args.valid_frac, test_frac=args.test_frac,
                       seed=args.seed, time_column=time_column if args.split == "time" else None)
@@ -149,13 +172,19 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     # (cardinalities only change embedding sizes, which cost no FLOPs).
     schema = source.schema
     placeholder_cards = [2] * len(schema.categorical)
+    config = for_arch([Overrides.load(f) for f in args.config], args.arch)
+    if args.config and not config.source:
+        raise CLIError(f"no --config file applies to --arch {args.arch}")
     cfg = preset(args.arch, args.preset, placeholder_cards, len(schema.numeric),
-                 **_parse_set(args.set))
-    train_cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                            early_stop_patience=args.patience, seed=args.seed,
-                            threads=args.threads, progress=False if args.no_progress else None)
+                 **{**config.model, **_parse_set(args.set)})
+    flags = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
+             "early_stop_patience": args.patience, "calibrate": args.calibrate}
+    train_kw = {**config.train, **{k: v for k, v in flags.items() if v is not None}}
+    train_cfg = TrainConfig(**train_kw, seed=args.seed, threads=args.threads,
+                            progress=False if args.no_progress else None)
     out = Path(args.out or f"runs/{args.arch}-{args.preset}")
-    metrics = train_run(source, cfg, train_cfg, split, out, overwrite=args.overwrite)
+    metrics = train_run(source, cfg, train_cfg, split, out, overwrite=args.overwrite,
+                        valid_source=valid_source, test_source=test_source)
     if bayes_auc is not None:
         metrics["bayes_auc"] = bayes_auc
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
@@ -325,32 +354,78 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_quality_commands(sub: Any, bsub: Any) -> None:
-    """``mldcn bench quality`` and ``mldcn data movielens`` (modules imported when they run)."""
-    p = bsub.add_parser("quality", help="test AUC at matched FLOPs: archs x levels x seeds")
+def _add_split_data_flags(p: Any, test_help: str | None) -> None:
+    """The input and fixed-split flags shared by ``bench quality`` and ``tune``."""
     p.add_argument("--data", nargs="+", required=True, metavar="PATH",
                    help="click-log files read as one stream")
-    p.add_argument("--test-data", nargs="+", metavar="PATH",
-                   help="separate test file(s); --data is then split into train/valid only")
+    p.add_argument("--valid-data", nargs="+", metavar="PATH",
+                   help="separate validation file(s); --data then gives no validation rows")
     p.add_argument("--format", default="auto")
     p.add_argument("--schema", help="feature schema (required for CSV/Parquet)")
     p.add_argument("--split", default="random", choices=["random", "time"])
     p.add_argument("--time-column", help="time column (default: the schema's)")
     p.add_argument("--valid-frac", type=float, default=0.1)
-    p.add_argument("--test-frac", type=float, default=0.1)
+    p.add_argument("--test-frac", type=float, default=0.1, help=test_help)
     p.add_argument("--split-seed", type=int, default=0, help="seed of a random split (fixed)")
+
+
+def _add_quality_commands(sub: Any, bsub: Any) -> None:
+    """``mldcn bench quality`` and ``mldcn data movielens`` (modules imported when they run)."""
+    p = bsub.add_parser("quality", help="test AUC at matched FLOPs: archs x levels x seeds")
+    _add_split_data_flags(p, test_help=None)
+    p.add_argument("--test-data", nargs="+", metavar="PATH",
+                   help="separate test file(s); --data then gives no test rows")
     p.add_argument("--archs", default="mldcn,dcnv2,masknet,wukong,rankmixer")
     p.add_argument("--levels", default="small,medium,large")
     p.add_argument("--seeds", type=int, default=5, help="number of seeds (0..N-1)")
-    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--epochs", type=int, default=100,
+                   help="epoch cap (default 100: early stopping ends a cell)")
     p.add_argument("--batch-size", type=int, default=2048)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--patience", type=int, default=2, help="early-stopping patience (epochs)")
+    p.add_argument("--lr-patience", type=int, default=1,
+                   help="epochs without gain tolerated before lr x0.1 (default 1)")
+    p.add_argument("--calibrate", choices=["none", "temperature"], default="none",
+                   help="post-hoc calibration fitted on validation (default none)")
+    p.add_argument("--config", action="append", default=[], metavar="FILE",
+                   help="model/training overrides (a `mldcn tune` result: its arch only; a "
+                   "file without arch: every arch); repeatable, later files win; a file's "
+                   "settings win over the study-wide flags (--lr, --batch-size, ...), which "
+                   "are the recipe of every arch a file does not set")
     p.add_argument("--max-rows", type=int, help="read only the first N rows of each input")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--title", default="", help="report title")
     p.add_argument("--out", required=True, help="study folder (resumed if it exists)")
     p.set_defaults(func=_bench_quality)
+
+    p = bsub.add_parser("quality-diff", help="two quality studies paired by seed: new - base")
+    p.add_argument("base", help="the base study folder (e.g. the old recipe)")
+    p.add_argument("new", help="the study compared with it")
+    p.add_argument("--title", default="", help="report title")
+    p.add_argument("--out", required=True, help="report path (.md and .json are written)")
+    p.set_defaults(func=_bench_quality_diff)
+
+    p = sub.add_parser("tune", help="hyper-parameter search (Optuna) on validation AUC")
+    _add_split_data_flags(p, test_help="rows held out as test (never read; use the study's "
+                                       "split)")
+    p.add_argument("--archs", default="mldcn,dcnv2", help="architectures, each its own study")
+    p.add_argument("--level", default="medium", help="matched-FLOPs level (default medium)")
+    p.add_argument("--trials", type=int, default=30, help="finished trials per arch (30)")
+    p.add_argument("--timeout-s", type=float, help="search time per arch (default: none)")
+    p.add_argument("--epochs", type=int, default=100, help="epoch cap per trial (100)")
+    p.add_argument("--patience", type=int, default=2, help="early-stopping patience (epochs)")
+    p.add_argument("--seed", type=int, default=0, help="sampler seed and first training seed")
+    p.add_argument("--seeds-per-trial", type=int, default=2,
+                   help="seeds a trial that is not pruned trains; its value is their mean "
+                        "best validation AUC (default 2)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="learning rate of the first trial, the default recipe (1e-3)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="batch size of the first trial, the default recipe (1024)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    p.add_argument("--out", required=True,
+                   help="folder: optuna.db (resumed), ARCH-LEVEL.json configs, summary.json")
+    p.set_defaults(func=_tune)
 
     data = sub.add_parser("data", help="build real datasets")
     dsub = data.add_subparsers(dest="dataset", required=True, parser_class=_Parser)
@@ -364,6 +439,20 @@ def _bench_quality(args: argparse.Namespace) -> None:
     from model import bench_quality
 
     bench_quality.main(args)
+
+
+def _bench_quality_diff(args: argparse.Namespace) -> None:
+    from model import bench_quality
+
+    bench_quality.compare_main(args)
+
+
+def _tune(args: argparse.Namespace) -> None:
+    from model import tune
+
+    summary = tune.main(args)
+    for arch, best in summary["archs"].items():
+        print(f"{arch}: valid AUC {best['valid_auc']:.5f} -> {best['config']}")
 
 
 def _data_movielens(args: argparse.Namespace) -> None:

@@ -21,6 +21,12 @@ Shared
   mlp_dims      widths of the deep tower's hidden layers (Linear → ReLU → Dropout each);
                 may be empty (the tower is then the identity).
   dropout       dropout probability after each hidden layer of the deep tower.
+  batch_norm    BatchNorm1d after each hidden Linear of the deep tower (before its ReLU);
+                folded into that Linear for inference, so it adds no served FLOPs.
+  embedding_l2  λ of the embedding regulariser: λ/2·‖E‖² over the whole embedding table is
+                added to every training step's loss (FuxiCTR's ``embedding_regularizer`` with
+                p = 2, so its values carry over). Training only; 0 = off.
+  embed_init_std  standard deviation of the normal initialisation of the embedding table.
 
 DCNv2
   dcn_type               "full" (W ∈ R^{d×d}), "lowrank" (U Vᵀ, rank ``rank``) or "mix"
@@ -57,6 +63,7 @@ from all dense features when F_num > 0 (n = T = F_cat + [F_num > 0]). ``num_laye
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any
@@ -147,6 +154,9 @@ class ModelConfig:
     num_layers: int = 3
     mlp_dims: tuple[int, ...] = (256, 128)
     dropout: float = 0.0
+    batch_norm: bool = False
+    embedding_l2: float = 0.0
+    embed_init_std: float = 1e-4
     # DCNv2
     dcn_type: str = "full"
     rank: int = 64
@@ -218,7 +228,13 @@ class ModelConfig:
         ratio = self.reduction_ratio
         if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not ratio > 0:
             raise ConfigError(f"reduction_ratio must be a number > 0, got {ratio!r}")
-        for name in ("low_rank_c", "residual_layernorm"):
+        for name, low, strict in (("embedding_l2", 0.0, False), ("embed_init_std", 0.0, True)):
+            value = getattr(self, name)
+            if (not isinstance(value, (int, float)) or isinstance(value, bool)
+                    or not math.isfinite(value) or value < low or (strict and value == low)):
+                what = "> 0" if strict else ">= 0"
+                raise ConfigError(f"{name} must be a finite number {what}, got {value!r}")
+        for name in ("low_rank_c", "residual_layernorm", "batch_norm"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
 

@@ -43,6 +43,7 @@ class FieldEmbedding(nn.Module):
     Args:
         cardinalities (Sequence[int]): number of ids of each field.
         embed_dim (int): e.
+        init_std (float): standard deviation of the table's normal initialisation.
 
     Example:
         >>> emb = FieldEmbedding([3, 5], embed_dim=4)
@@ -50,14 +51,15 @@ class FieldEmbedding(nn.Module):
         torch.Size([2, 2, 4])
     """
 
-    def __init__(self, cardinalities: Sequence[int], embed_dim: int) -> None:
+    def __init__(self, cardinalities: Sequence[int], embed_dim: int,
+                 init_std: float = EMBEDDING_INIT_STD) -> None:
         super().__init__()
         cards = list(cardinalities)
         starts = [0]
         for c in cards[:-1]:
             starts.append(starts[-1] + c)
         self.table = nn.Embedding(sum(cards), embed_dim)
-        nn.init.normal_(self.table.weight, std=EMBEDDING_INIT_STD)
+        nn.init.normal_(self.table.weight, std=init_std)
         self.register_buffer("offsets", torch.tensor(starts, dtype=torch.long), persistent=False)
         self.cardinalities = cards
         self.embed_dim = embed_dim
@@ -159,6 +161,8 @@ class CTRModel(nn.Module):
         structure (str): "parallel", "stacked" or "cross_only".
         mlp_dims (Sequence[int]): hidden widths of the deep tower (empty: identity).
         dropout (float): dropout after each hidden layer of the tower.
+        batch_norm (bool): batch normalisation after each hidden Linear of the tower.
+        embed_init_std (float): standard deviation of the embedding table's initialisation.
 
     Example:
         >>> _ = torch.manual_seed(0)
@@ -179,6 +183,8 @@ class CTRModel(nn.Module):
         structure: str = "parallel",
         mlp_dims: Sequence[int] = (),
         dropout: float = 0.0,
+        batch_norm: bool = False,
+        embed_init_std: float = EMBEDDING_INIT_STD,
     ) -> None:
         super().__init__()
         cards = check_layout(cardinalities, num_dense)
@@ -188,14 +194,14 @@ class CTRModel(nn.Module):
             )
         d = len(cards) * embed_dim + num_dense
         inter_dim = d if interaction is None else interaction.output_dim
-        self.embedding = FieldEmbedding(cards, embed_dim) if cards else None
+        self.embedding = FieldEmbedding(cards, embed_dim, embed_init_std) if cards else None
         self.interaction = interaction
         self.mlp: nn.Module = nn.Identity()  # unused by "cross_only"
         if structure == "parallel":
-            self.mlp = MLP(d, mlp_dims, dropout)
+            self.mlp = MLP(d, mlp_dims, dropout, batch_norm)
             head_in = inter_dim + self.mlp.output_dim
         elif structure == "stacked":
-            self.mlp = MLP(inter_dim, mlp_dims, dropout)
+            self.mlp = MLP(inter_dim, mlp_dims, dropout, batch_norm)
             head_in = self.mlp.output_dim
         else:
             head_in = inter_dim
@@ -232,6 +238,13 @@ class CTRModel(nn.Module):
         else:
             h = crossed  # (B, d_int)
         return self.head(h).squeeze(-1)  # (B,)
+
+    def scale_logits(self, factor: float) -> None:
+        """Multiply every logit by ``factor`` from now on (temperature scaling: 1/T), in the
+        weights themselves: the head's weight and bias, so an export carries it."""
+        with torch.no_grad():
+            self.head.weight.mul_(factor)
+            self.head.bias.mul_(factor)
 
 
 class LogisticRegression(nn.Module):
@@ -274,6 +287,12 @@ class LogisticRegression(nn.Module):
             logit = logit + self.dense(dense).squeeze(-1)  # (B,)
         return logit
 
+    def scale_logits(self, factor: float) -> None:
+        """Multiply every logit by ``factor`` from now on: every term of the sum is scaled."""
+        with torch.no_grad():
+            for p in self.parameters():
+                p.mul_(factor)
+
 
 def build_model(
     cfg: ModelConfig, cardinalities: Sequence[int], num_dense: int
@@ -302,4 +321,6 @@ def build_model(
         structure=structure,
         mlp_dims=cfg.mlp_dims,
         dropout=cfg.dropout,
+        batch_norm=cfg.batch_norm,
+        embed_init_std=cfg.embed_init_std,
     )

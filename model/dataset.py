@@ -159,6 +159,46 @@ def prepare(
     return data
 
 
+def effective_split(split: SplitSpec, valid_given: bool, test_given: bool) -> SplitSpec:
+    """The split :func:`prepare_sources` applies to ``source``: no rows for a split whose
+    rows come from their own files (and no time order when every row is a training row)."""
+    import dataclasses
+
+    valid_frac = 0.0 if valid_given else split.valid_frac
+    test_frac = 0.0 if test_given else split.test_frac
+    if split.kind == "time" and valid_frac == 0.0 and test_frac == 0.0:
+        return SplitSpec(valid_frac=0.0, test_frac=0.0)  # every row is a training row
+    return dataclasses.replace(split, valid_frac=valid_frac, test_frac=test_frac)
+
+
+def prepare_sources(
+    source: Any,
+    split: SplitSpec,
+    cache_dir: Path,
+    valid_source: Any = None,
+    test_source: Any = None,
+    chunk_rows: int = 65536,
+    shard_rows: int = 262144,
+) -> PreparedData:
+    """:func:`prepare` for data that may come pre-split (a benchmark's own files).
+
+    ``valid_source`` / ``test_source`` (DataSources with ``source``'s schema), when given, are
+    the validation / test rows: ``source`` then gives no rows to that split (its fraction in
+    ``split`` is ignored) and the extra files are encoded with the encoders fitted on the
+    training rows of ``source``, never fitted on themselves.
+    """
+    split = effective_split(split, valid_source is not None, test_source is not None)
+    data = prepare(source, split, cache_dir, chunk_rows=chunk_rows, shard_rows=shard_rows)
+    for name, extra in (("valid", valid_source), ("test", test_source)):
+        if extra is None:
+            continue
+        part = prepare(extra, SplitSpec(valid_frac=0.0, test_frac=0.0), Path(cache_dir) / name,
+                       chunk_rows=chunk_rows, shard_rows=shard_rows, encoders=data.encoders)
+        data.shards[name] = part.shards["train"]
+        data.stats[name] = {**part.stats["train"], "files": [str(p) for p in extra.paths]}
+    return data
+
+
 def iter_batches(
     shards: list[Shard],
     batch_size: int,

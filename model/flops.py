@@ -21,7 +21,8 @@ Two numbers are reported:
     ===========================================  ===================
 
     Not counted: embedding lookups, id offsets, concatenation and reshapes, dropout (training
-    only), and the final sigmoid (the model returns logits). Identity nonlinearities cost 0.
+    only), the deep tower's batch normalisation (folded into its Linear for inference), and the
+    final sigmoid (the model returns logits). Identity nonlinearities cost 0.
 
 With these conventions the MODELS.md formulas are reproduced exactly for DCNv2 full rank,
 L(2d² + 3d), and low rank, L(4dr + 3d) (+ L(2r² + 2r) with C and a nonlinearity). Where MODELS.md

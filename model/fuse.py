@@ -59,6 +59,7 @@ from torch import nn
 
 from model.ctr import CTRModel
 from model.modules.mldcn import MaskedLowRankCrossNet
+from model.modules.mlp import MLP
 
 _F64 = torch.float64
 # A mask bias whose sigmoid is exactly 1.0 in float32 (and float16): 1 − σ(30) ≈ 9e-14.
@@ -254,12 +255,9 @@ class FusedMLDCN(nn.Module):
         self.bias_in_p = self.head_fold and one_col
         self.register_buffer("head_b", head_b.float())  # (1,)
         self.register_buffer("s0", torch.ones(d))  # s_0 = 1, (d,)
-        # The deep tower without Dropout, its head weights as a (width, 1) column.
-        linears = [m for m in model.mlp.modules() if isinstance(m, nn.Linear)]
-        tower: list[nn.Module] = []
-        for linear in linears:
-            tower += [_copy_linear(linear), nn.ReLU()]
-        self.tower = nn.Sequential(*tower)
+        # The deep tower without Dropout, BatchNorm folded in; its head weights as a
+        # (width, 1) column.
+        self.tower = model.mlp.for_inference() if isinstance(model.mlp, MLP) else nn.Sequential()
         if model.structure != "cross_only":
             start = 0 if model.structure == "stacked" else d
             w_tower = model.head.weight.detach()[0, start:].reshape(-1, 1)  # (width, 1)
@@ -339,14 +337,6 @@ class FusedMLDCN(nn.Module):
         if self.structure == "parallel":
             logit = torch.addmm(logit, self.tower(x0), self.w_tower)  # (B, 1)
         return logit.squeeze(-1)  # (B,)
-
-
-def _copy_linear(linear: nn.Linear) -> nn.Linear:
-    out = nn.Linear(linear.in_features, linear.out_features)
-    with torch.no_grad():
-        out.weight.copy_(linear.weight)
-        out.bias.copy_(linear.bias)
-    return out
 
 
 def fuse_for_inference(model: CTRModel) -> FusedMLDCN:

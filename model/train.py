@@ -1,15 +1,23 @@
 """Training: Adam + BCE with gradient clipping, lr-on-plateau and early stopping on valid AUC.
 
+The loss is the mean BCE plus, with ``embedding_l2`` in the model config, λ/2·‖E‖² of the
+embedding table (:func:`embedding_penalty`). Early stopping decides when a run ends: the epoch
+cap (``epochs``, 100) is a guard, not the stopping rule. With ``calibrate="temperature"`` the
+logits are divided by a temperature T fitted on the validation split after training
+(:func:`model.calibration.fit_temperature`); T is folded into the model's last layer, so the
+checkpoint and its export serve calibrated probabilities.
+
 :func:`train_run` is what ``mldcn train`` calls: it prepares the data (split, fit encoders,
-encode into shards), trains, evaluates on the test split with the best-on-valid weights, and
-writes a run folder::
+encode into shards; or pre-split valid/test files), trains, evaluates on the test split with the
+best-on-valid weights, and writes a run folder::
 
     RUN_DIR/checkpoint.pt      state_dict of the best epoch (torch.save)
     RUN_DIR/model_config.json  ModelConfig + cardinalities + num_dense (enough to rebuild)
     RUN_DIR/encoders.json      feature schema + fitted encoders (numpy-only, used by serving)
     RUN_DIR/train_config.json  TrainConfig and the split
-    RUN_DIR/metrics.json       valid/test AUC and logloss, FLOPs and params per example,
-                               examples/s, per-epoch history, data files and their SHA-256
+    RUN_DIR/metrics.json       valid/test AUC, logloss and calibration (mean predicted vs
+                               observed CTR, ECE), the temperature, FLOPs and params per
+                               example, examples/s, per-epoch history, data files, SHA-256
 
 The folder is written under a temporary name and renamed at the end, so a run that fails
 leaves no half-written run folder behind.
@@ -34,22 +42,28 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.calibration import fit_temperature
 from model.config import ModelConfig
 from model.ctr import build_model
-from model.dataset import PreparedData, Shard, iter_batches, prepare
+from model.dataset import PreparedData, Shard, effective_split, iter_batches, prepare_sources
 from model.files import sha256_file
 from model.flops import model_flops
-from model.metrics import log_loss, roc_auc
+from model.metrics import calibration, roc_auc
 from model.split import SplitSpec
 
 Log = Callable[[str], None]
 
 
+CALIBRATIONS: tuple[str, ...] = ("none", "temperature")
+
+
 @dataclass
 class TrainConfig:
-    """Optimisation settings. Defaults follow the BARS benchmark recipe (see MODELS.md)."""
+    """Optimisation settings. Defaults follow the BARS benchmark recipe (see MODELS.md): Adam,
+    lr 1e-3, the lr ×0.1 on a validation plateau, early stopping with patience 2; ``epochs`` is
+    only a cap (see the module docstring)."""
 
-    epochs: int = 10
+    epochs: int = 100
     batch_size: int = 1024
     lr: float = 1e-3
     weight_decay: float = 0.0
@@ -60,6 +74,7 @@ class TrainConfig:
     min_lr: float = 1e-6
     seed: int = 0
     eval_batch_size: int = 16384
+    calibrate: str = "none"
     threads: int | None = None
     progress: bool | None = None
 
@@ -69,6 +84,10 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.lr_patience < 0:
+            raise ValueError(f"lr_patience must be >= 0, got {self.lr_patience}")
+        if self.calibrate not in CALIBRATIONS:
+            raise ValueError(f"calibrate must be one of {CALIBRATIONS}, got {self.calibrate!r}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
 
@@ -89,14 +108,15 @@ def to_tensors(
 
 @torch.no_grad()
 def predict(
-    model: nn.Module, shards: list[Shard], batch_size: int
+    model: nn.Module, shards: list[Shard], batch_size: int, logits: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(labels, probabilities) over the shards, in shard order."""
+    """(labels, probabilities) over the shards, in shard order (logits with ``logits``)."""
     model.eval()
     labels, probs = [], []
     for cat, dense, y in iter_batches(shards, batch_size):
         c, d = to_tensors(cat, dense)
-        probs.append(torch.sigmoid(model(c, d)).numpy())
+        out = model(c, d)
+        probs.append((out if logits else torch.sigmoid(out)).numpy())
         labels.append(y)
     if not labels:
         return np.empty(0, np.float32), np.empty(0, np.float32)
@@ -104,12 +124,19 @@ def predict(
 
 
 def evaluate(model: nn.Module, shards: list[Shard], batch_size: int) -> dict[str, float]:
-    """AUC and logloss over the shards (AUC is NaN when only one class is present)."""
+    """AUC, logloss and calibration (:func:`model.metrics.calibration`: mean predicted and
+    observed CTR, their ratio, ECE) over the shards; AUC is NaN with a single class."""
     y, p = predict(model, shards, batch_size)
     if y.size == 0:
         return {"auc": float("nan"), "logloss": float("nan"), "rows": 0}
     auc = roc_auc(y, p) if 0 < y.sum() < y.size else float("nan")
-    return {"auc": float(auc), "logloss": float(log_loss(y, p)), "rows": int(y.size)}
+    return {"auc": float(auc), **calibration(y, p), "rows": int(y.size)}
+
+
+def embedding_penalty(model: nn.Module) -> torch.Tensor | None:
+    """‖E‖² of the model's embedding table (None when it has none)."""
+    emb = getattr(model, "embedding", None)
+    return None if emb is None else emb.table.weight.pow(2).sum()
 
 
 def train_step(
@@ -119,15 +146,22 @@ def train_step(
     dense: torch.Tensor,
     labels: torch.Tensor,
     grad_clip_norm: float,
+    embedding_l2: float = 0.0,
 ) -> torch.Tensor:
-    """One optimiser step on a batch; returns the (detached) mean BCE loss."""
-    loss = F.binary_cross_entropy_with_logits(model(cat, dense), labels)
+    """One optimiser step on a batch (BCE + embedding_l2/2·‖E‖²); returns the (detached)
+    mean BCE loss."""
+    bce = F.binary_cross_entropy_with_logits(model(cat, dense), labels)
+    loss = bce
+    if embedding_l2 > 0:
+        penalty = embedding_penalty(model)
+        if penalty is not None:
+            loss = bce + 0.5 * embedding_l2 * penalty
     opt.zero_grad(set_to_none=True)
     loss.backward()
     if grad_clip_norm > 0:
         nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm)
     opt.step()
-    return loss.detach()
+    return bce.detach()
 
 
 def _monitor(m: dict[str, float]) -> float:
@@ -136,9 +170,15 @@ def _monitor(m: dict[str, float]) -> float:
 
 
 def fit(
-    model: nn.Module, data: PreparedData, cfg: TrainConfig, log: Log = _stderr
+    model: nn.Module, data: PreparedData, cfg: TrainConfig, log: Log = _stderr,
+    embedding_l2: float = 0.0,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """Train in place; on return the model holds the weights of the best valid epoch."""
+    """Train in place; on return the model holds the weights of the best valid epoch.
+
+    ``embedding_l2``: the model config's regulariser strength. ``on_epoch`` is called with each
+    epoch's history row (valid AUC and logloss included); an exception it raises ends training
+    and propagates (``mldcn tune`` prunes a trial so)."""
     from tqdm import tqdm
 
     rng = np.random.default_rng(cfg.seed)
@@ -148,6 +188,7 @@ def fit(
     )
     train_rows = data.rows("train")
     steps = sum(math.ceil(s.rows / cfg.batch_size) for s in data.shards["train"])
+    batch_norm = any(isinstance(m, nn.BatchNorm1d) for m in model.modules())
     best, best_state, bad, history = -math.inf, None, 0, []
     for epoch in range(1, cfg.epochs + 1):
         model.train()
@@ -157,7 +198,10 @@ def fit(
                    disable=(not cfg.progress) if cfg.progress is not None else None,
                    file=sys.stderr)
         for cat, dense, y in iter_batches(data.shards["train"], cfg.batch_size, True, rng):
-            loss = train_step(model, opt, *to_tensors(cat, dense, y), cfg.grad_clip_norm)
+            if len(y) == 1 and batch_norm:  # batch statistics of one row do not exist
+                continue
+            loss = train_step(model, opt, *to_tensors(cat, dense, y), cfg.grad_clip_norm,
+                              embedding_l2)
             seen += len(y)
             loss_sum += float(loss) * len(y)
             bar.update(1)
@@ -178,6 +222,8 @@ def fit(
             "lr": lr,
         }
         history.append(row)
+        if on_epoch is not None:
+            on_epoch(row)
         log(
             f"epoch {epoch}: train_loss {row['train_loss']:.4f}  valid_auc {valid['auc']:.4f}  "
             f"valid_logloss {valid['logloss']:.4f}  {row['train_examples_per_s']:,.0f} ex/s  "
@@ -208,8 +254,13 @@ def train_run(
     chunk_rows: int = 65536,
     shard_rows: int = 262144,
     log: Log = _stderr,
+    valid_source: Any = None,
+    test_source: Any = None,
 ) -> dict[str, Any]:
-    """Prepare data, train, test and write the run folder. Returns the metrics dict."""
+    """Prepare data, train, test and write the run folder. Returns the metrics dict.
+
+    ``valid_source`` / ``test_source``: pre-split validation / test files
+    (:func:`model.dataset.prepare_sources`)."""
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"run folder {out} exists and is not empty (use --overwrite)")
@@ -223,7 +274,8 @@ def train_run(
     tmp.mkdir(parents=True)
     try:
         t0 = time.perf_counter()
-        data = prepare(source, split, tmp / "cache", chunk_rows=chunk_rows, shard_rows=shard_rows)
+        data = prepare_sources(source, split, tmp / "cache", valid_source, test_source,
+                               chunk_rows=chunk_rows, shard_rows=shard_rows)
         prep_s = time.perf_counter() - t0
         log(
             f"data: {data.rows('train'):,} train / {data.rows('valid'):,} valid / "
@@ -232,7 +284,8 @@ def train_run(
         )
         if data.rows("valid") == 0:
             raise ValueError(
-                "the validation split is empty: use more rows or a larger --valid-frac"
+                "the validation split is empty: use more rows, a larger --valid-frac or "
+                "--valid-data"
             )
         cards, num_dense = data.encoders.cardinalities, data.encoders.num_dense
         model = build_model(model_cfg, cards, num_dense)
@@ -241,17 +294,21 @@ def train_run(
             f"{flops.params:,} parameters")
 
         t1 = time.perf_counter()
-        history = fit(model, data, train_cfg, log)
+        history = fit(model, data, train_cfg, log, embedding_l2=model_cfg.embedding_l2)
         train_s = time.perf_counter() - t1
+        calibrated = calibrate(model, data, train_cfg, log)
         valid = evaluate(model, data.shards["valid"], train_cfg.eval_batch_size)
         test = evaluate(model, data.shards["test"], train_cfg.eval_batch_size)
         log(f"best: valid_auc {valid['auc']:.4f}  test_auc {test['auc']:.4f}  "
-            f"test_logloss {test['logloss']:.4f}")
+            f"test_logloss {test['logloss']:.4f}  test pred/obs CTR "
+            f"{test.get('pred_obs_ratio', float('nan')):.3f}  test ECE "
+            f"{test.get('ece', float('nan')):.4f}")
 
         metrics = {
             "arch": model_cfg.arch,
             "valid": valid,
             "test": test,
+            "calibration": calibrated,
             "flops_per_example": flops.total,
             "matmul_flops_per_example": flops.matmul,
             "params": flops.params,
@@ -264,10 +321,9 @@ def train_run(
             "history": history,
             "data": {
                 "format": getattr(source, "fmt", None),
-                "files": [
-                    {"path": str(p), "sha256": sha256_file(p), "bytes": Path(p).stat().st_size}
-                    for p in getattr(source, "paths", [])
-                ],
+                "files": _file_info(source),
+                "valid_files": _file_info(valid_source),
+                "test_files": _file_info(test_source),
                 "splits": data.stats,
                 "prepare_s": prep_s,
             },
@@ -282,7 +338,9 @@ def train_run(
             indent=2) + "\n")
         data.encoders.save(tmp / "encoders.json")
         (tmp / "train_config.json").write_text(json.dumps(
-            {"train": asdict(train_cfg), "split": asdict(split)}, indent=2) + "\n")
+            {"train": asdict(train_cfg), "split": asdict(effective_split(
+                split, valid_source is not None, test_source is not None))},
+            indent=2) + "\n")
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         data.cleanup()
         if out.exists():
@@ -294,6 +352,34 @@ def train_run(
         raise
     log(f"wrote {out}")
     return metrics
+
+
+def _file_info(source: Any) -> list[dict[str, Any]]:
+    return [{"path": str(p), "sha256": sha256_file(p), "bytes": Path(p).stat().st_size}
+            for p in getattr(source, "paths", [])]
+
+
+def calibrate(model: nn.Module, data: PreparedData, cfg: TrainConfig,
+              log: Log = _stderr) -> dict[str, Any]:
+    """Apply ``cfg.calibrate`` to the trained model (in place) and say what it did.
+
+    ``"temperature"``: fit T on the validation logits (:func:`fit_temperature`) and fold 1/T
+    into the model's last layer (``scale_logits``); returns the method, T and the validation
+    log loss and ECE before and after. ``"none"``: ``{"method": "none", "temperature": 1.0}``.
+    """
+    if cfg.calibrate == "none":
+        return {"method": "none", "temperature": 1.0}
+    before = evaluate(model, data.shards["valid"], cfg.eval_batch_size)
+    y, z = predict(model, data.shards["valid"], cfg.eval_batch_size, logits=True)
+    temperature = fit_temperature(z, y)
+    model.scale_logits(1.0 / temperature)
+    after = evaluate(model, data.shards["valid"], cfg.eval_batch_size)
+    log(f"temperature scaling: T = {temperature:.4f}, valid logloss {before['logloss']:.4f} -> "
+        f"{after['logloss']:.4f}, ECE {before['ece']:.4f} -> {after['ece']:.4f}")
+    keys = ("logloss", "pred_obs_ratio", "ece")
+    return {"method": "temperature", "temperature": temperature,
+            "valid_before": {k: before[k] for k in keys},
+            "valid_after": {k: after[k] for k in keys}}
 
 
 def write_samples(

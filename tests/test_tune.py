@@ -1,0 +1,85 @@
+"""`mldcn tune` end to end on a real 1,000-row Criteo sample: Optuna studies per architecture
+with the same budget, config files that `mldcn train --config` applies, and a resume that
+re-runs nothing (and runs exactly what a raised budget adds)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from model.cli import main
+from model.presets import EMBEDDING_L2
+from model.tune import SEARCH_SPACE
+
+optuna = pytest.importorskip("optuna")
+
+
+def _trials(out: Path, study: str) -> list:
+    storage = f"sqlite:///{(out / 'optuna.db').resolve()}"
+    return optuna.load_study(study_name=study, storage=storage).get_trials(deepcopy=False)
+
+
+def test_tune_writes_configs_and_resumes_without_rerunning(shared_data, tmp_path) -> None:
+    data = str(shared_data / "criteo_sample" / "criteo_kaggle_raw_1k.tsv")
+    out = tmp_path / "tune"
+    args = ["tune", "--data", data, "--archs", "dcnv2,mldcn", "--level", "small", "--trials",
+            "3", "--epochs", "2", "--threads", "1", "--out", str(out)]
+    assert main(args) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["archs"]) == {"dcnv2", "mldcn"}
+    numbers = {}
+    for arch in ("dcnv2", "mldcn"):
+        trials = _trials(out, f"{arch}-small")
+        assert len(trials) == 3 and all(t.state.is_finished() for t in trials)
+        numbers[arch] = sorted(t.number for t in trials)
+        # the search starts from the default recipe: the preset's settings, lr 1e-3, batch 1024
+        first = min(trials, key=lambda t: t.number)
+        assert first.params == {"lr": 1e-3, "batch_size": 1024, "dropout": 0.0,
+                                "batch_norm": False, "embedding_l2": EMBEDDING_L2}
+        done = [t for t in trials if t.state.name == "COMPLETE"]
+        assert all(len(t.user_attrs["seed_values"]) == 2 for t in done)  # 2 seeds per trial
+        assert all(t.value == pytest.approx(sum(t.user_attrs["seed_values"]) / 2) for t in done)
+        config = json.loads((out / f"{arch}-small.json").read_text())
+        assert config["arch"] == arch and 0.0 <= config["valid_auc"] <= 1.0
+        best = max((t for t in trials if t.state.name == "COMPLETE"), key=lambda t: t.value)
+        assert config["valid_auc"] == best.value
+        assert set(config["model"]) | set(config["train"]) == set(SEARCH_SPACE)
+        assert config["train"]["lr"] == best.params["lr"]
+    # the same command again: every trial is there, nothing runs
+    assert main(args) == 0
+    for arch in ("dcnv2", "mldcn"):
+        assert sorted(t.number for t in _trials(out, f"{arch}-small")) == numbers[arch]
+    # a larger budget runs only the difference
+    assert main([*args[:-2], "--trials", "4", "--archs", "dcnv2", "--out", str(out)]) == 0
+    grown = _trials(out, "dcnv2-small")
+    assert len(grown) == 4
+    # the resumed sampler draws new settings, not a replay of the first run's start-up draws
+    new = max(grown, key=lambda t: t.number)
+    assert all(new.params != t.params for t in grown if t is not new)
+    # a resume on other settings is refused rather than mixed in
+    assert main([*args[:-2], "--lr", "0.01", "--out", str(out)]) == 2
+    assert len(_trials(out, "mldcn-small")) == 3
+    # the best config trains: its settings land in the run
+    run = tmp_path / "run"
+    assert main(["train", "--data", data, "--arch", "dcnv2", "--preset", "small", "--config",
+                 str(out / "dcnv2-small.json"), "--epochs", "1", "--no-progress", "--threads",
+                 "1", "--out", str(run)]) == 0
+    config = json.loads((out / "dcnv2-small.json").read_text())
+    train = json.loads((run / "train_config.json").read_text())["train"]
+    model = json.loads((run / "model_config.json").read_text())["model"]
+    assert train["lr"] == config["train"]["lr"]
+    assert train["batch_size"] == config["train"]["batch_size"]
+    assert model["dropout"] == config["model"]["dropout"]
+    assert model["embedding_l2"] == config["model"]["embedding_l2"]
+
+
+def test_tune_refuses_bad_arguments(shared_data, tmp_path) -> None:
+    data = str(shared_data / "criteo_sample" / "criteo_kaggle_raw_1k.tsv")
+    base = ["tune", "--data", data, "--out", str(tmp_path / "t")]
+    assert main([*base, "--archs", "dcn"]) == 2
+    assert main([*base, "--level", "huge"]) == 2
+    assert main([*base, "--trials", "0"]) == 2
+    assert main([*base, "--seeds-per-trial", "0"]) == 2
+    assert main(["tune", "--data", str(tmp_path / "nope.tsv"), "--out", str(tmp_path)]) == 2
