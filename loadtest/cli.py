@@ -186,7 +186,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
     from loadtest.compare import run_compare
     from loadtest.promscrape import ScrapeError
     from loadtest.runner import LoadTestError
-    from model.cli import CLIError
+    from model.errors import CLIError
 
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     opts = _options(args)
@@ -275,7 +275,7 @@ def cmd_run(args: argparse.Namespace) -> None:
     from loadtest.compare import run_single
     from loadtest.promscrape import ScrapeError
     from loadtest.runner import LoadTestError
-    from model.cli import CLIError
+    from model.errors import CLIError
 
     opts = _options(args)
     out = Path(args.out)

@@ -72,12 +72,12 @@ def throughput(
 ) -> dict[str, Any]:
     import torch
 
-    from model.cli import synthetic_source
     from model.ctr import build_model
     from model.dataset import prepare
     from model.flops import model_flops
     from model.presets import preset
     from model.split import SplitSpec
+    from model.synthetic import synthetic_source
 
     source, _ = synthetic_source(rows, seed=0)
     with tempfile.TemporaryDirectory() as tmp:
@@ -206,7 +206,7 @@ def main_throughput(args: Any) -> None:
 
 
 def main_memory(args: Any) -> None:
-    from model.cli import DEFAULT_CACHE
+    from model.synthetic import DEFAULT_CACHE
 
     res = memory(args.rows, args.factor, args.arch, args.level, DEFAULT_CACHE)
     _write(args.out, res)

@@ -29,12 +29,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from model.errors import CLIError
+
 SYNTHETIC = "synthetic"
-DEFAULT_CACHE = Path(os.environ.get("MLDCN_CACHE", ".cache/mldcn"))
-
-
-class CLIError(Exception):
-    """An expected failure: printed as one line, exit status 2."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -65,26 +62,6 @@ def _parse_set(items: Sequence[str]) -> dict[str, Any]:
         except ValueError:
             out[key] = raw
     return out
-
-
-def synthetic_source(rows: int, seed: int, cache: Path = DEFAULT_CACHE) -> tuple[Any, float]:
-    """The built-in synthetic data set (written once into the cache), and its Bayes AUC."""
-    from model.readers import open_source
-    from model.synthetic import write_synthetic
-
-    folder = cache / f"synthetic-{rows}-seed{seed}"
-    meta = folder / "meta.json"
-    if not meta.is_file():
-        tmp = cache / f".synthetic-{rows}-seed{seed}.tmp-{os.getpid()}"
-        write_synthetic(tmp, rows=rows, seed=seed)
-        if folder.exists():
-            import shutil
-
-            shutil.rmtree(folder)
-        tmp.rename(folder)
-    info = json.loads(meta.read_text())
-    data_files = sorted(p for p in folder.iterdir() if p.suffix in (".csv", ".parquet"))
-    return open_source(data_files, schema=folder / "schema.json"), float(info["bayes_auc"])
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
@@ -153,6 +130,8 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     if args.data == [SYNTHETIC]:
         if args.synthetic_rows < 100:
             raise CLIError("--synthetic-rows must be at least 100")
+        from model.synthetic import synthetic_source
+
         source, bayes_auc = synthetic_source(args.synthetic_rows, seed=0)
     else:
         for path in args.data:

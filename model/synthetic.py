@@ -50,6 +50,7 @@ import itertools
 import json
 import math
 import os
+import shutil
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -60,6 +61,8 @@ import numpy as np
 from model.metrics import roc_auc
 from model.readers import rechunk
 from model.schema import FeatureSchema, FieldSpec, Side
+
+DEFAULT_CACHE = Path(os.environ.get("MLDCN_CACHE", ".cache/mldcn"))  # built-in data, downloads
 
 __all__ = ["SyntheticSpec", "SyntheticWorld", "write_synthetic"]
 
@@ -460,3 +463,20 @@ def write_synthetic(
     }
     (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     return data_path
+
+
+def synthetic_source(rows: int, seed: int, cache: Path = DEFAULT_CACHE) -> tuple[Any, float]:
+    """The built-in synthetic data set (written once into the cache), and its Bayes AUC."""
+    from model.readers import open_source
+
+    folder = cache / f"synthetic-{rows}-seed{seed}"
+    meta = folder / "meta.json"
+    if not meta.is_file():
+        tmp = cache / f".synthetic-{rows}-seed{seed}.tmp-{os.getpid()}"
+        write_synthetic(tmp, rows=rows, seed=seed)
+        if folder.exists():
+            shutil.rmtree(folder)
+        tmp.rename(folder)
+    info = json.loads(meta.read_text())
+    data_files = sorted(p for p in folder.iterdir() if p.suffix in (".csv", ".parquet"))
+    return open_source(data_files, schema=folder / "schema.json"), float(info["bayes_auc"])

@@ -94,7 +94,7 @@ def serve_env(args: argparse.Namespace) -> dict[str, str]:
 def cmd_serve(args: argparse.Namespace) -> None:
     from pydantic import ValidationError
 
-    from model.cli import CLIError
+    from model.errors import CLIError
 
     os.environ.update(serve_env(args))
     from service.settings import get_settings
@@ -128,7 +128,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         settings.admin_secret()
     except ValueError as e:
         raise CLIError(str(e)) from None
-    from service.server import run
+    from service.workers import run
 
     print(f"mldcn serve: {', '.join(settings.models or names)} from {settings.repo} on "
           f"http://{settings.host}:{settings.port} ({settings.workers} worker(s), budget "

@@ -112,11 +112,8 @@ def _config(settings: Settings, access_log: bool) -> uvicorn.Config:
 
 
 def run(settings: Settings, access_log: bool = False) -> int:
-    """Serve ``service.app:create_app`` as the settings say; the process's exit code."""
-    if settings.workers > 1:
-        from service.workers import Supervisor
-
-        return Supervisor(settings, access_log).run()
+    """Serve ``service.app:create_app`` in this process (one worker; ``--workers N`` is
+    :func:`service.workers.run`); the process's exit code."""
     server = DrainingServer(_config(settings, access_log), settings.drain_grace_s)
     server.run()
     return 0 if server.started else 3

@@ -203,3 +203,12 @@ def _forget_metrics(pid: Any) -> None:
         from prometheus_client import multiprocess
 
         multiprocess.mark_process_dead(pid)
+
+
+def run(settings: Settings, access_log: bool = False) -> int:
+    """``mldcn serve``: one server in this process, or a supervisor of ``settings.workers``."""
+    if settings.workers > 1:
+        return Supervisor(settings, access_log).run()
+    from service.server import run as run_one
+
+    return run_one(settings, access_log)

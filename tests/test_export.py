@@ -25,12 +25,13 @@ import torch
 from export import exporter
 from export.exporter import ExportError, ParityError, export_run
 from export.repository import ModelRepository, RepositoryError, sha256_file
-from model.cli import main, synthetic_source
+from model.cli import main
 from model.config import ModelConfig
 from model.encoders import FeatureEncoders
 from model.presets import preset
 from model.readers import open_source
 from model.split import SplitSpec
+from model.synthetic import synthetic_source
 from model.train import TrainConfig, load_run, train_run
 
 ROWS = 3000

@@ -22,12 +22,12 @@ import torch
 from export.bench_fusion import BEGIN, END, write_doc
 from export.exporter import export_graph, export_run, op_counts, serving_form
 from export.repository import ModelRepository, RepositoryError, validate_meta
-from model.cli import synthetic_source
 from model.config import ModelConfig
 from model.ctr import CTRModel, build_model
 from model.fuse import FusedMLDCN, fuse_for_inference
 from model.presets import preset
 from model.split import SplitSpec
+from model.synthetic import synthetic_source
 from model.train import TrainConfig, load_run, train_run
 
 TOLERANCE = 1e-5

@@ -11,14 +11,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.cli import synthetic_source
 from model.config import ModelConfig
 from model.ctr import build_model
 from model.dataset import prepare
 from model.metrics import roc_auc
 from model.presets import preset
 from model.split import TEST, SplitSpec, assign_random
-from model.synthetic import SyntheticSpec, SyntheticWorld
+from model.synthetic import SyntheticSpec, SyntheticWorld, synthetic_source
 from model.train import TrainConfig, evaluate, fit
 
 ROWS = 200_000
