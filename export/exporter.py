@@ -55,7 +55,6 @@ from export.repository import (
     META_FILE,
     MODEL_FILE,
     OUTPUT_NAME,
-    ModelVersion,
     RepositoryError,
     check_name,
     check_version,
@@ -564,10 +563,6 @@ class ExportResult:
     version: int
     path: Path
     meta: dict[str, Any]
-
-    def model_version(self) -> ModelVersion:
-        """The repository's view of this version."""
-        return ModelVersion(self.name, self.version, self.path)
 
 
 def export_run(

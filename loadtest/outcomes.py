@@ -42,11 +42,6 @@ def outcome_kind(status: int, reason: str | None) -> str:
     return f"http_{status}"
 
 
-def is_budget(kind: str) -> bool:
-    """True for the service's own 503/504 budget answers."""
-    return kind[:4] in ("503_", "504_")
-
-
 def percentile(values: Sequence[float], q: float) -> float | None:
     """The q-th percentile with linear interpolation (numpy's default); None if empty."""
     if not values:

@@ -102,16 +102,6 @@ class RequestSampler:
         self.sides = {side: [f["name"] for f in fields if f.get("side", "candidate") == side]
                       for side in ("user", "context", "candidate")}
 
-    @classmethod
-    def from_file(cls, path: str | Path, **kwargs: Any) -> RequestSampler:
-        """A sampler for the ``model.json`` at ``path`` (ValueError if it cannot be used)."""
-        p = Path(path)
-        try:
-            meta = json.loads(p.read_text())
-        except (OSError, ValueError) as e:
-            raise ValueError(f"cannot read model metadata {p}: {e}") from None
-        return cls(meta, **kwargs)
-
     def column(self, rng: np.random.Generator, name: str, size: int) -> list[Any]:
         """``size`` raw values of one field, as JSON-ready Python objects."""
         spec = next(f for f in self.fields if f["name"] == name)

@@ -5,7 +5,7 @@ the scoring service can all read it. It round-trips through ``to_dict`` / ``from
 friendly: tuples become lists). Every value is checked when the object is built; a bad value
 raises ``ConfigError`` (a ``ValueError``) that names the field and what was expected.
 
-Fields, by the architecture that reads them (see /shared/MODELS.md for the equations):
+Fields, by the architecture that reads them (see ../shared/MODELS.md for the equations):
 
 Shared
   arch          "mldcn", "dcnv2", "masknet", "mlp", "wukong" or "rankmixer" (``ARCHS``); "lr"

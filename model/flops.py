@@ -24,7 +24,7 @@ Two numbers are reported:
     only), the deep tower's batch normalisation (folded into its Linear for inference), and the
     final sigmoid (the model returns logits). Identity nonlinearities cost 0.
 
-With these conventions the MODELS.md formulas are reproduced exactly for DCNv2 full rank,
+With these conventions ../shared/MODELS.md's formulas are reproduced exactly for DCNv2 full rank,
 L(2d² + 3d), and low rank, L(4dr + 3d) (+ L(2r² + 2r) with C and a nonlinearity). Where MODELS.md
 is looser we count what the code runs:
 

@@ -59,7 +59,7 @@ CALIBRATIONS: tuple[str, ...] = ("none", "temperature")
 
 @dataclass
 class TrainConfig:
-    """Optimisation settings. Defaults follow the BARS benchmark recipe (see MODELS.md): Adam,
+    """Optimisation settings. Defaults follow the BARS benchmark recipe (../shared/MODELS.md): Adam,
     lr 1e-3, the lr ×0.1 on a validation plateau, early stopping with patience 2; ``epochs`` is
     only a cap (see the module docstring)."""
 

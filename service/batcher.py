@@ -256,10 +256,6 @@ class Batcher:
         """Requests waiting (including ones cancelled but not yet swept)."""
         return len(self._queue)
 
-    @property
-    def queued_rows(self) -> int:
-        return self._queued_rows
-
     def predict_s(self, rows: int, now_s: float | None = None) -> float:
         """Predicted seconds until a request of ``rows`` rows submitted now is scored.
 

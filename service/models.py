@@ -46,19 +46,6 @@ class ModelLoadError(RuntimeError):
     """A model version that cannot be served; names the version and the problem."""
 
 
-def choose_providers(choice: str = "auto") -> list[str]:
-    """ONNX Runtime provider names for ``choice`` (auto, cuda, cpu), most preferred first.
-
-    ``cuda`` when ONNX Runtime does not offer CUDA is a ModelLoadError (what
-    ``on_provider_fallback=fail`` does; :func:`open_version` applies the setting).
-    """
-    providers, cuda = resolve_providers(choice, {})
-    if choice == "cuda" and not cuda:
-        raise ModelLoadError(f"execution_provider=cuda but ONNX Runtime offers "
-                             f"{ort.get_available_providers()} (install onnxruntime-gpu)")
-    return [p if isinstance(p, str) else p[0] for p in providers]
-
-
 def cuda_options(settings: Settings, cuda_graphs: bool | None = None) -> dict[str, str]:
     """The CUDA execution provider options of ``settings`` (see :mod:`service.gpu`)."""
     return cuda_provider_options(

@@ -306,21 +306,6 @@ class Settings(BaseSettings):
         """intra_op_threads, or the core count divided by the workers when it is 0."""
         return self.intra_op_threads or default_intra_op_threads(self.workers)
 
-    def to_env(self) -> dict[str, str]:
-        """These settings as ``MLDCN_*`` variables (how the CLI hands them to uvicorn workers)."""
-        out = {}
-        for name, value in self.model_dump().items():
-            if value is None:
-                continue
-            if isinstance(value, SecretStr):
-                value = value.get_secret_value()
-            elif isinstance(value, list):
-                value = ",".join(map(str, value))
-            elif isinstance(value, bool):
-                value = "true" if value else "false"
-            out[ENV_PREFIX + name.upper()] = str(value)
-        return out
-
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:

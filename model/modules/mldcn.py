@@ -3,7 +3,7 @@
 Pinterest, "ML-DCN" (arXiv 2602.09194). Only the abstract is public ("integrates an
 instance-conditioned mask into a low-rank crossing layer, enabling per-example selection and
 amplification of salient interaction directions"); this is our reconstruction, documented in
-/shared/MODELS.md. The effective weight of layer l is U_l diag(m_l(x)) V_lᵀ.
+../shared/MODELS.md. The effective weight of layer l is U_l diag(m_l(x)) V_lᵀ.
 
 Every ablation listed in MODELS.md is one constructor argument away:
 
