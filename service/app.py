@@ -26,6 +26,7 @@ a stack trace.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import inspect
 import logging
@@ -319,6 +320,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 "arm": m.name in dict(svc.arms),
                 "shadow": m.name == svc.settings.shadow_model,
                 "metrics": m.meta.get("metrics", {}),
+                "serving": dataclasses.asdict(svc.registry.get(m.name).config),
             })
 
     @app.get("/v2/models/{name}", response_model=ModelMetadata, tags=["kserve-v2"],

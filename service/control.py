@@ -38,7 +38,7 @@ from service.models import (
     open_version,
     validate_served,
 )
-from service.registry import ModelRegistry
+from service.registry import ModelRegistry, ServingConfig
 from service.settings import Settings
 
 log = logging.getLogger("uvicorn.error")
@@ -97,7 +97,8 @@ class ModelControl:
 
     def _install(self, m: ServedModel, latency: LatencyModel, encode_cost: LatencyModel
                  ) -> ServedModel | None:
-        old = self.registry.install(m, latency, encode_cost, self._batch_observer(m))
+        config = ServingConfig.for_model(self.settings, m.name)
+        old = self.registry.install(m, latency, encode_cost, self._batch_observer(m), config)
         if old is not None and old.version != m.version:
             self._info(old, 0)
         self._info(m, 1)
@@ -245,6 +246,7 @@ class ModelControl:
                                  force=True)
 
     def _open_validated(self, mv: ModelVersion) -> ServedModel:
+        ServingConfig.for_model(self.settings, mv.name)  # a bad config.json refuses the load
         m = open_version(mv, self.settings)
         validate_served(m, mv)
         return m
@@ -280,7 +282,8 @@ class ModelControl:
         s = self.settings
         latency = LatencyModel(s.latency_window)
         encode_cost = LatencyModel(s.latency_window)
-        sizes = sorted({min(r, s.max_batch_size) for r in WARMUP_ROWS} | set(m.buckets))
+        most = ServingConfig.for_model(s, m.name).max_batch_size
+        sizes = sorted({min(r, most) for r in WARMUP_ROWS} | set(m.buckets))
         schema = m.encoder.encoders.schema
         for rows in sizes:
             cat, dense = m.example_inputs(rows)

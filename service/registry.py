@@ -14,18 +14,40 @@ control (:mod:`service.control`) is the only writer.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from service.batcher import Batcher
 from service.budget import LatencyModel
 from service.errors import ServiceError
-from service.models import ServedModel
+from service.models import ModelLoadError, ServedModel
 from service.settings import Settings
 
 log = logging.getLogger("uvicorn.error")
+
+
+MODEL_CONFIG_FILE = "config.json"  # MODELS_DIR/<name>/config.json: the model's own settings
+
+
+class ServingOverrides(BaseModel):
+    """The keys of ``MODELS_DIR/<name>/config.json``, each optional, with the bounds of the
+    server-wide setting of the same name (:class:`service.settings.Settings`)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    max_batch_size: int | None = Field(default=None, ge=1)
+    max_queue_delay_ms: float | None = Field(default=None, ge=0, le=1000)
+    max_queue_size: int | None = Field(default=None, ge=1)
+    instance_count: int | None = Field(default=None, ge=1)
+    dynamic_batching: bool | None = None
+    timeout_action: Literal["reject", "degrade"] | None = None
 
 
 @dataclass(frozen=True)
@@ -45,6 +67,36 @@ class ServingConfig:
         return cls(settings.max_batch_size, settings.max_queue_delay_ms,
                    settings.max_queue_size, settings.instance_count, settings.dynamic_batching,
                    settings.timeout_action)
+
+    @classmethod
+    def for_model(cls, settings: Settings, name: str) -> ServingConfig:
+        """The server-wide settings overridden by ``MODELS_DIR/<name>/config.json`` when there
+        is one (read at every load and reload); ModelLoadError naming the key if it is bad.
+
+        Example:
+            >>> import json, tempfile, pathlib
+            >>> repo = pathlib.Path(tempfile.mkdtemp()); (repo / "a").mkdir()
+            >>> _ = (repo / "a" / "config.json").write_text(json.dumps({"max_batch_size": 64}))
+            >>> s = Settings(repo=str(repo))
+            >>> ServingConfig.for_model(s, "a").max_batch_size, ServingConfig.for_model(s, "b")
+            (64, ServingConfig(max_batch_size=2048, max_queue_delay_ms=0.0, max_queue_size=256, \
+instance_count=1, dynamic_batching=True, timeout_action='reject'))
+        """
+        base = cls.defaults(settings)
+        path = Path(settings.repo) / name / MODEL_CONFIG_FILE
+        if not path.is_file():
+            return base
+        try:
+            raw = json.loads(path.read_text())
+            overrides = ServingOverrides.model_validate(raw)
+        except (OSError, ValueError) as e:  # pydantic's ValidationError is a ValueError
+            if isinstance(e, ValidationError):
+                why = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'config'}: {err['msg']}"
+                                for err in e.errors())
+            else:
+                why = str(e)
+            raise ModelLoadError(f"{name}/{MODEL_CONFIG_FILE}: {why}") from None
+        return dataclasses.replace(base, **overrides.model_dump(exclude_none=True))
 
 
 @dataclass(frozen=True)
@@ -102,9 +154,12 @@ class ModelRegistry:
         return all(e.batcher.idle for e in self.entries.values())
 
     def install(self, m: ServedModel, latency: LatencyModel, encode_cost: LatencyModel,
-                on_batch: Callable[[int, float], None]) -> ServedModel | None:
-        """Put ``m`` into service now; returns the version it replaced (retiring)."""
-        s, config = self.settings, ServingConfig.defaults(self.settings)
+                on_batch: Callable[[int, float], None],
+                config: ServingConfig | None = None) -> ServedModel | None:
+        """Put ``m`` into service now, batched as ``config`` says (default: the server-wide
+        settings); returns the version it replaced (retiring)."""
+        s = self.settings
+        config = config or ServingConfig.defaults(s)
         batcher = Batcher(
             m.run, max_batch_size=config.max_batch_size,
             max_queue_delay_s=config.max_queue_delay_ms / 1e3,
