@@ -157,9 +157,6 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(
         default=4 * 1024 * 1024, ge=1024, description="largest request body; larger -> 413"
     )
-    max_string_length: int = Field(
-        default=256, ge=1, description="longest string feature value or request id"
-    )
 
     # -- traffic: A/B split and shadow scoring (service.routing, service.shadow) ----------------
     ab: str = Field(
