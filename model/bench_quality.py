@@ -535,13 +535,6 @@ def preset_rows(cards: list[int], num_dense: int, archs: Sequence[str], levels: 
     return rows
 
 
-def _file_info(paths: Sequence[Path]) -> list[dict[str, Any]]:
-    from model.files import sha256_file
-
-    return [{"path": str(p), "sha256": sha256_file(p), "bytes": Path(p).stat().st_size}
-            for p in paths]
-
-
 def run_study(
     source: Any,
     split: Any,
@@ -598,9 +591,11 @@ def run_study(
     out = Path(out_dir)
     (out / "cells").mkdir(parents=True, exist_ok=True)
 
-    files = _file_info(source.paths)
-    test_files = _file_info(test_source.paths) if test_source is not None else []
-    valid_files = _file_info(valid_source.paths) if valid_source is not None else []
+    from model.files import file_info
+
+    files = file_info(source.paths)
+    test_files = file_info(test_source.paths) if test_source is not None else []
+    valid_files = file_info(valid_source.paths) if valid_source is not None else []
     recipes = {a: for_arch(overrides, a) for a in archs}
     identity: dict[str, Any] = {"files": files, "test_files": test_files, "split": asdict(split),
                                 "train": train_kw}

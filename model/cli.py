@@ -134,10 +134,7 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
 
         source, bayes_auc = synthetic_source(args.synthetic_rows, seed=0)
     else:
-        for path in args.data:
-            if not Path(path).exists():
-                raise CLIError(f"data file not found: {path}")
-        source = open_source(args.data, fmt=args.format, schema=args.schema)
+        source = open_source(_existing(args.data), fmt=args.format, schema=args.schema)
     valid_source, test_source = (
         open_source(paths, fmt=args.format, schema=source.schema) if paths else None
         for paths in (_existing(args.valid_data), _existing(args.test_data)))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -37,3 +38,9 @@ def write_result(path: str | Path, result: dict[str, Any], table: str) -> dict[s
     print(table)
     print(f"wrote {out}")
     return result
+
+
+def file_info(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
+    """Path, SHA-256 and size of each file: how runs and studies name the data they read."""
+    return [{"path": str(p), "sha256": sha256_file(p), "bytes": Path(p).stat().st_size}
+            for p in paths]

@@ -86,11 +86,6 @@ class Overrides:
             raise OverridesError(f"{p}: not valid JSON: {e}") from None
         return cls.from_dict(d, str(p))
 
-    def to_dict(self) -> dict[str, Any]:
-        """The file's content (``arch`` only when set)."""
-        out: dict[str, Any] = {"arch": self.arch} if self.arch else {}
-        return {**out, "model": dict(self.model), "train": dict(self.train)}
-
 
 def for_arch(files: Sequence[Overrides], arch: str) -> Overrides:
     """The overrides that apply to ``arch``: the files in order, later keys win.

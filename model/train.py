@@ -46,7 +46,7 @@ from model.calibration import fit_temperature
 from model.config import ModelConfig
 from model.ctr import build_model
 from model.dataset import PreparedData, Shard, effective_split, iter_batches, prepare_sources
-from model.files import sha256_file
+from model.files import file_info
 from model.flops import model_flops
 from model.metrics import calibration, roc_auc
 from model.split import SplitSpec
@@ -321,9 +321,9 @@ def train_run(
             "history": history,
             "data": {
                 "format": getattr(source, "fmt", None),
-                "files": _file_info(source),
-                "valid_files": _file_info(valid_source),
-                "test_files": _file_info(test_source),
+                "files": file_info(getattr(source, "paths", [])),
+                "valid_files": file_info(getattr(valid_source, "paths", [])),
+                "test_files": file_info(getattr(test_source, "paths", [])),
                 "splits": data.stats,
                 "prepare_s": prep_s,
             },
@@ -354,11 +354,6 @@ def train_run(
     return metrics
 
 
-def _file_info(source: Any) -> list[dict[str, Any]]:
-    return [{"path": str(p), "sha256": sha256_file(p), "bytes": Path(p).stat().st_size}
-            for p in getattr(source, "paths", [])]
-
-
 def calibrate(model: nn.Module, data: PreparedData, cfg: TrainConfig,
               log: Log = _stderr) -> dict[str, Any]:
     """Apply ``cfg.calibrate`` to the trained model (in place) and say what it did.
@@ -369,8 +364,8 @@ def calibrate(model: nn.Module, data: PreparedData, cfg: TrainConfig,
     """
     if cfg.calibrate == "none":
         return {"method": "none", "temperature": 1.0}
-    before = evaluate(model, data.shards["valid"], cfg.eval_batch_size)
     y, z = predict(model, data.shards["valid"], cfg.eval_batch_size, logits=True)
+    before = calibration(y, torch.sigmoid(torch.from_numpy(z)).numpy())
     temperature = fit_temperature(z, y)
     model.scale_logits(1.0 / temperature)
     after = evaluate(model, data.shards["valid"], cfg.eval_batch_size)

@@ -327,7 +327,7 @@ class Admission:
         deadline then: learn how far its prediction was from reality."""
         name = decision.model.name
         if missed:
-            value, since = self._penalty.get(name, (1.0, -math.inf))
+            _, since = self._penalty.get(name, (1.0, -math.inf))
             if done_s - since >= MISS_BURST_S:
                 penalty = min(self.penalty(name, done_s) * MISS_PENALTY, MAX_PENALTY)
                 self._penalty[name] = (penalty, done_s)

@@ -444,7 +444,8 @@ class Batcher:
                 dense = np.concatenate([i.dense[a:b] for i, a, b in parts])
             rows = len(cat)
             self._running[batch_id] = start + self.latency.predict(rows)
-            loop = self._event_loop or asyncio.get_running_loop()
+            loop = self._event_loop  # set by start(), before the loop that runs batches
+            assert loop is not None
             probs, compute_s = await loop.run_in_executor(self._executor, self._timed_run,
                                                           cat, dense)
             self.latency.observe(rows, time.monotonic() - start)

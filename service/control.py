@@ -75,8 +75,9 @@ class ModelControl:
     async def start(self) -> None:
         """Load the configured models, warm them up, put them into service; start polling."""
         for m in (await asyncio.to_thread(load_models, self.settings)).values():
-            latency, encode_cost = await asyncio.to_thread(self._warmup, m)
-            self._install(m, latency, encode_cost)
+            config = ServingConfig.for_model(self.settings, m.name)
+            latency, encode_cost = await asyncio.to_thread(self._warmup, m, config)
+            self._install(m, latency, encode_cost, config)
         loop = asyncio.get_running_loop()
         if self.broadcast is not None:  # a restarted worker serves what the others serve
             seq = self.broadcast.last_seq()
@@ -95,9 +96,8 @@ class ModelControl:
             self.broadcast.unregister()
         await self.registry.stop()
 
-    def _install(self, m: ServedModel, latency: LatencyModel, encode_cost: LatencyModel
-                 ) -> ServedModel | None:
-        config = ServingConfig.for_model(self.settings, m.name)
+    def _install(self, m: ServedModel, latency: LatencyModel, encode_cost: LatencyModel,
+                 config: ServingConfig) -> ServedModel | None:
         old = self.registry.install(m, latency, encode_cost, self._batch_observer(m), config)
         if old is not None and old.version != m.version:
             self._info(old, 0)
@@ -171,15 +171,15 @@ class ModelControl:
                                "repository", field="name")
         t0 = time.perf_counter()
         try:
-            m = await asyncio.to_thread(self._open_validated, mv)
-            latency, encode_cost = await asyncio.to_thread(self._warmup, m)
+            m, config = await asyncio.to_thread(self._open_validated, mv)
+            latency, encode_cost = await asyncio.to_thread(self._warmup, m, config)
         except ModelLoadError as e:
             self.metrics.model_loads.labels(model=name, result="rejected").inc()
             self.refused.setdefault(name, set()).add(mv.version)
             log.error("refused %s version %d: %s", name, mv.version, e)
             previous = f"; version {old.version} keeps serving" if old else ""
             raise ServiceError(422, "version_rejected", f"{e}{previous}") from None
-        self._install(m, latency, encode_cost)
+        self._install(m, latency, encode_cost, config)
         self.metrics.model_loads.labels(model=name, result="loaded").inc()
         took = time.perf_counter() - t0
         log.info("%s version %d in service (was %s) after %.2fs", name, m.version,
@@ -245,11 +245,13 @@ class ModelControl:
         return await self._apply(action.name, action.version if action.op == "load" else None,
                                  force=True)
 
-    def _open_validated(self, mv: ModelVersion) -> ServedModel:
-        ServingConfig.for_model(self.settings, mv.name)  # a bad config.json refuses the load
+    def _open_validated(self, mv: ModelVersion) -> tuple[ServedModel, ServingConfig]:
+        """The version opened and checked, with its serving config (a bad config.json
+        refuses the load: ModelLoadError)."""
+        config = ServingConfig.for_model(self.settings, mv.name)
         m = open_version(mv, self.settings)
         validate_served(m, mv)
-        return m
+        return m, config
 
     async def _poll(self) -> None:
         """Every ``poll_interval_s``: load the newest version of each loaded model if it is
@@ -275,15 +277,15 @@ class ModelControl:
                                 e.message)
 
     # -- warmup --------------------------------------------------------------------------------
-    def _warmup(self, m: ServedModel) -> tuple[LatencyModel, LatencyModel]:
+    def _warmup(self, m: ServedModel, config: ServingConfig
+                ) -> tuple[LatencyModel, LatencyModel]:
         """Run every warmup batch size ``warmup_runs`` times; return the seeded latency models
         (batch, encoding). A model padded to buckets also runs each bucket's own size, so
         that every bucket's kernels are cached (and its CUDA graph captured) before ready."""
         s = self.settings
         latency = LatencyModel(s.latency_window)
         encode_cost = LatencyModel(s.latency_window)
-        most = ServingConfig.for_model(s, m.name).max_batch_size
-        sizes = sorted({min(r, most) for r in WARMUP_ROWS} | set(m.buckets))
+        sizes = sorted({min(r, config.max_batch_size) for r in WARMUP_ROWS} | set(m.buckets))
         schema = m.encoder.encoders.schema
         for rows in sizes:
             cat, dense = m.example_inputs(rows)
