@@ -100,8 +100,23 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     o.add_argument("--calibrate", choices=["none", "temperature"], default=None,
                    help="post-hoc calibration fitted on validation (default none)")
     o.add_argument("--seed", type=int, default=0)
-    o.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
+    o.add_argument("--threads", type=int, default=None, help="torch threads on the CPU "
+                   "(default: all; 1 per process under --nproc / torchrun)")
     o.add_argument("--no-progress", action="store_true", help="no progress bar")
+    o.add_argument("--embedding-optimizer", choices=["adam", "rowwise_adagrad"], default=None,
+                   help="adam (default: dense Adam on the table) or rowwise_adagrad (sparse "
+                   "gradients, one float of state per table row: for hashed tables of millions "
+                   "of rows)")
+    o.add_argument("--embedding-lr", type=float, default=None,
+                   help="row-wise Adagrad's learning rate (default 0.01)")
+    x = p.add_argument_group("hardware")
+    x.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto: "
+                   "CUDA when present; cuda without a GPU is an error)")
+    x.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto",
+                   help="mixed precision on CUDA (auto: bf16 where supported, else fp16 with "
+                   "a gradient scaler; ignored on the CPU)")
+    x.add_argument("--nproc", type=int, default=1, help="data-parallel processes on this "
+                   "machine, launched with torchrun (gloo on the CPU, NCCL on GPUs; default 1)")
     p.add_argument("--out", help="run folder (default runs/ARCH-PRESET)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
 
@@ -114,6 +129,20 @@ def _existing(paths: Sequence[str] | None) -> list[str]:
     return list(paths or [])
 
 
+def _without_nproc(argv: Sequence[str]) -> list[str]:
+    """``mldcn train`` arguments without ``--nproc N`` (what each torchrun process runs)."""
+    rest = list(argv)[list(argv).index("train") + 1:]
+    out, skip = [], False
+    for a in rest:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            out.append(a)
+    return out
+
+
 def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     from model.config import ARCHS
     from model.overrides import Overrides, for_arch
@@ -124,6 +153,19 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
 
     if args.arch not in ARCHS:
         raise CLIError(f"unknown architecture {args.arch!r} (choose from {', '.join(ARCHS)})")
+    if args.nproc != 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        from model.device import resolve_device
+        from model.distributed import launch
+
+        resolve_device(args.device)  # refuse cuda without a GPU before starting processes
+        if args.data == [SYNTHETIC]:  # written once here, not by every process at once
+            from model.synthetic import synthetic_source
+
+            synthetic_source(args.synthetic_rows, seed=0)
+        rc = launch(args.nproc, _without_nproc(args.argv))
+        if rc:
+            raise SystemExit(rc)
+        return {}
     if args.preset not in LEVELS:
         raise CLIError(f"unknown preset {args.preset!r} (choose from {', '.join(LEVELS)})")
     bayes_auc = None
@@ -154,10 +196,12 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     cfg = preset(args.arch, args.preset, placeholder_cards, len(schema.numeric),
                  **{**config.model, **_parse_set(args.set)})
     flags = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
-             "early_stop_patience": args.patience, "calibrate": args.calibrate}
+             "early_stop_patience": args.patience, "calibrate": args.calibrate,
+             "embedding_optimizer": args.embedding_optimizer, "embedding_lr": args.embedding_lr}
     train_kw = {**config.train, **{k: v for k, v in flags.items() if v is not None}}
     train_cfg = TrainConfig(**train_kw, seed=args.seed, threads=args.threads,
-                            progress=False if args.no_progress else None)
+                            progress=False if args.no_progress else None,
+                            device=args.device, amp=args.amp)
     out = Path(args.out or f"runs/{args.arch}-{args.preset}")
     metrics = train_run(source, cfg, train_cfg, split, out, overwrite=args.overwrite,
                         valid_source=valid_source, test_source=test_source)
@@ -303,6 +347,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--level", default="small")
     p.add_argument("--out", help="JSON output path")
     p.set_defaults(func=lambda a: _bench("main_memory", a))
+    p = bsub.add_parser("train-scale", help="examples/s of 1 vs N processes (torchrun) and "
+                        "peak memory of a large hashed table, dense Adam vs row-wise Adagrad")
+    p.add_argument("--data", nargs="+", required=True, metavar="PATH")
+    p.add_argument("--schema", help="feature schema of --data (CSV/Parquet)")
+    p.add_argument("--test-data", nargs="+", metavar="PATH")
+    p.add_argument("--arch", default="mldcn")
+    p.add_argument("--batch-size", type=int, default=2048)
+    p.add_argument("--epochs", type=int, default=3, help="epochs per run (default 3)")
+    p.add_argument("--cores", type=int, default=2, help="processes / threads compared (2)")
+    p.add_argument("--repeats", type=int, default=3, help="alternating rounds (default 3)")
+    p.add_argument("--buckets", type=int, default=10_000_000,
+                   help="hashed-table rows of the memory test (0: skip it)")
+    p.add_argument("--memory-data", nargs="+", metavar="PATH",
+                   default=["../shared/data/criteo_sample/criteo_kaggle_raw_1k.tsv"])
+    p.add_argument("--memory-format", default="criteo-tsv")
+    p.add_argument("--memory-schema", default="model/schemas/criteo.json")
+    p.add_argument("--out", default="docs/bench/train_scale.json", help="JSON output path")
+    p.set_defaults(func=_bench_scale)
     p = bsub.add_parser("fusion", help="ONNX Runtime latency of ML-DCN (unfused, fused) vs DCNv2")
     p.add_argument("--configs", default="issue,small,medium,large",
                    help="comma-separated: issue (d = 624), small, medium, large (Criteo presets)")
@@ -447,6 +509,12 @@ def _bench_fusion(args: argparse.Namespace) -> None:
     bench_fusion.main(args)
 
 
+def _bench_scale(args: argparse.Namespace) -> None:
+    from model import bench_scale
+
+    bench_scale.main(args)
+
+
 def _bench(name: str, args: argparse.Namespace) -> None:
     from model import bench_train
 
@@ -454,7 +522,9 @@ def _bench(name: str, args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         args.func(args)
     except _expected_errors() as e:

@@ -204,20 +204,47 @@ def iter_batches(
     batch_size: int,
     shuffle: bool = False,
     rng: np.random.Generator | None = None,
+    share: tuple[int, int] = (0, 1),
+    min_rows: int = 1,
 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Mini-batches (cat_ids, dense, labels) over the shards.
 
     With ``shuffle``, the shard order and the rows inside each shard are permuted (a shard is
     the shuffle window); one shard is in memory at a time. Batches do not cross shards, so the
     last batch of each shard may be short.
+
+    ``share = (rank, world)`` with world > 1 (data-parallel training): every rank walks the same
+    batches (pass equally seeded ``rng``s) and gets its contiguous 1/world of each, gathered from
+    the memory-mapped shard, so a rank reads and holds only its rows; without ``shuffle`` a rank
+    gets its 1/world of each shard's rows. A batch (of all ranks together) with fewer than
+    ``world · min_rows`` rows is skipped on every rank alike.
     """
     if shuffle and rng is None:
         raise ValueError("shuffle=True needs an rng")
+    rank, world = share
     order = rng.permutation(len(shards)) if shuffle and rng is not None else range(len(shards))
     for i in order:
-        cat, dense, label = shards[int(i)].load()
+        shard = shards[int(i)]
+        if world == 1:
+            cat, dense, label = shard.load()
+            if shuffle and rng is not None:
+                perm = rng.permutation(len(label))
+                cat, dense, label = cat[perm], dense[perm], label[perm]
+            for s in range(0, len(label), batch_size):
+                e = s + batch_size
+                if min(e, len(label)) - s >= min_rows:
+                    yield cat[s:e], dense[s:e], label[s:e]
+            continue
+        cat, dense, label = shard.load(mmap=True)
+        n, r, w = shard.rows, rank, world
         if shuffle and rng is not None:
-            perm = rng.permutation(len(label))
-            cat, dense, label = cat[perm], dense[perm], label[perm]
-        for s in range(0, len(label), batch_size):
-            yield cat[s : s + batch_size], dense[s : s + batch_size], label[s : s + batch_size]
+            perm = rng.permutation(n)
+        else:  # evaluation: this rank's block of the shard, in order
+            lo, hi = rank * n // world, (rank + 1) * n // world
+            perm, n, r, w = np.arange(lo, hi), hi - lo, 0, 1
+        for s in range(0, n, batch_size):
+            rows = perm[s : s + batch_size]
+            if len(rows) < w * min_rows:
+                continue
+            mine = np.sort(rows[r * len(rows) // w : (r + 1) * len(rows) // w])
+            yield cat[mine], dense[mine], label[mine]

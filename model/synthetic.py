@@ -474,9 +474,12 @@ def synthetic_source(rows: int, seed: int, cache: Path = DEFAULT_CACHE) -> tuple
     if not meta.is_file():
         tmp = cache / f".synthetic-{rows}-seed{seed}.tmp-{os.getpid()}"
         write_synthetic(tmp, rows=rows, seed=seed)
-        if folder.exists():
-            shutil.rmtree(folder)
-        tmp.rename(folder)
+        if folder.exists() and not meta.is_file():
+            shutil.rmtree(folder, ignore_errors=True)
+        try:
+            tmp.rename(folder)
+        except OSError:  # another process (a torchrun rank) published it first
+            shutil.rmtree(tmp, ignore_errors=True)
     info = json.loads(meta.read_text())
     data_files = sorted(p for p in folder.iterdir() if p.suffix in (".csv", ".parquet"))
     return open_source(data_files, schema=folder / "schema.json"), float(info["bayes_auc"])

@@ -46,9 +46,14 @@ from model.calibration import fit_temperature
 from model.config import ModelConfig
 from model.ctr import build_model
 from model.dataset import PreparedData, Shard, effective_split, iter_batches, prepare_sources
+from model.device import AMP_CHOICES, amp_dtype, resolve_device
+from model.distributed import Dist, from_env
+from model.distributed import init as init_group
+from model.distributed import shutdown as shutdown_group
 from model.files import file_info
 from model.flops import model_flops
 from model.metrics import calibration, roc_auc
+from model.optim import EMBEDDING_OPTIMIZERS, RowWiseAdagrad, clip_grad_norm
 from model.split import SplitSpec
 
 Log = Callable[[str], None]
@@ -77,6 +82,10 @@ class TrainConfig:
     calibrate: str = "none"
     threads: int | None = None
     progress: bool | None = None
+    device: str = "auto"
+    amp: str = "auto"
+    embedding_optimizer: str = "adam"
+    embedding_lr: float = 0.01
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "eval_batch_size", "early_stop_patience"):
@@ -90,6 +99,13 @@ class TrainConfig:
             raise ValueError(f"calibrate must be one of {CALIBRATIONS}, got {self.calibrate!r}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
+        if self.amp not in AMP_CHOICES:
+            raise ValueError(f"amp must be one of {AMP_CHOICES}, got {self.amp!r}")
+        if self.embedding_optimizer not in EMBEDDING_OPTIMIZERS:
+            raise ValueError(f"embedding_optimizer must be one of {EMBEDDING_OPTIMIZERS}, "
+                             f"got {self.embedding_optimizer!r}")
+        if not self.embedding_lr > 0:
+            raise ValueError(f"embedding_lr must be > 0, got {self.embedding_lr}")
 
 
 def _stderr(msg: str) -> None:
@@ -97,71 +113,146 @@ def _stderr(msg: str) -> None:
 
 
 def to_tensors(
-    cat: np.ndarray, dense: np.ndarray, label: np.ndarray | None = None
+    cat: np.ndarray, dense: np.ndarray, label: np.ndarray | None = None,
+    device: torch.device | None = None,
 ) -> tuple[torch.Tensor, ...]:
-    """numpy batch → torch tensors without copying where possible."""
+    """numpy batch → torch tensors without copying where possible; on a CUDA ``device`` they
+    are copied from pinned memory without blocking."""
     out = [torch.from_numpy(np.ascontiguousarray(a)) for a in (cat, dense)]
     if label is not None:
         out.append(torch.from_numpy(np.ascontiguousarray(label)))
+    if device is not None and device.type == "cuda":
+        out = [t.pin_memory().to(device, non_blocking=True) for t in out]
     return tuple(out)
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
 
 
 @torch.no_grad()
 def predict(
-    model: nn.Module, shards: list[Shard], batch_size: int, logits: bool = False
+    model: nn.Module, shards: list[Shard], batch_size: int, logits: bool = False,
+    dist: Dist | None = None, amp: torch.dtype | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(labels, probabilities) over the shards, in shard order (logits with ``logits``)."""
+    """(labels, probabilities) over the shards (logits with ``logits``), in shard order; with
+    ``dist`` each rank predicts its share and every rank gets all of them."""
     model.eval()
+    device, d = _device_of(model), dist or Dist()
     labels, probs = [], []
-    for cat, dense, y in iter_batches(shards, batch_size):
-        c, d = to_tensors(cat, dense)
-        out = model(c, d)
-        probs.append((out if logits else torch.sigmoid(out)).numpy())
+    for cat, dense, y in iter_batches(shards, batch_size, share=(d.rank, d.world)):
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            out = model(*to_tensors(cat, dense, device=device)).float()
+        probs.append((out if logits else torch.sigmoid(out)).cpu().numpy())
         labels.append(y)
-    if not labels:
-        return np.empty(0, np.float32), np.empty(0, np.float32)
-    return np.concatenate(labels), np.concatenate(probs)
+    y_all = np.concatenate(labels) if labels else np.empty(0, np.float32)
+    p_all = np.concatenate(probs) if probs else np.empty(0, np.float32)
+    return d.gather(y_all, p_all)
 
 
-def evaluate(model: nn.Module, shards: list[Shard], batch_size: int) -> dict[str, float]:
+def evaluate(model: nn.Module, shards: list[Shard], batch_size: int,
+             dist: Dist | None = None, amp: torch.dtype | None = None) -> dict[str, float]:
     """AUC, logloss and calibration (:func:`model.metrics.calibration`: mean predicted and
-    observed CTR, their ratio, ECE) over the shards; AUC is NaN with a single class."""
-    y, p = predict(model, shards, batch_size)
+    observed CTR, their ratio, ECE) over the shards (all ranks' rows with ``dist``); AUC is NaN
+    with a single class."""
+    y, p = predict(model, shards, batch_size, dist=dist, amp=amp)
     if y.size == 0:
         return {"auc": float("nan"), "logloss": float("nan"), "rows": 0}
     auc = roc_auc(y, p) if 0 < y.sum() < y.size else float("nan")
     return {"auc": float(auc), **calibration(y, p), "rows": int(y.size)}
 
 
-def embedding_penalty(model: nn.Module) -> torch.Tensor | None:
-    """‖E‖² of the model's embedding table (None when it has none)."""
-    emb = getattr(model, "embedding", None)
-    return None if emb is None else emb.table.weight.pow(2).sum()
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The model itself when wrapped in DistributedDataParallel."""
+    return getattr(model, "module", model)
+
+
+def embedding_penalty(model: nn.Module, cat: torch.Tensor | None = None) -> torch.Tensor | None:
+    """‖E‖² of the model's embedding table, or with ``cat`` (a batch's ids) of the rows the
+    batch looks up, each once (None when the model has no table)."""
+    emb = getattr(_unwrap(model), "embedding", None)
+    if emb is None:
+        return None
+    if cat is None:
+        return emb.table.weight.pow(2).sum()
+    return emb.table(torch.unique(cat + emb.offsets)).pow(2).sum()
+
+
+@dataclass
+class Optimisers:
+    """What one training step updates: Adam on the dense parameters (and on the embedding table
+    unless it is sparse), row-wise Adagrad on a sparse table; the fp16 gradient scaler."""
+
+    adam: torch.optim.Optimizer
+    table: RowWiseAdagrad | None = None
+    scaler: Any = None
+
+    @property
+    def all(self) -> list[torch.optim.Optimizer]:
+        return [self.adam] if self.table is None else [self.adam, self.table]
 
 
 def train_step(
     model: nn.Module,
-    opt: torch.optim.Optimizer,
+    opt: torch.optim.Optimizer | Optimisers,
     cat: torch.Tensor,
     dense: torch.Tensor,
     labels: torch.Tensor,
     grad_clip_norm: float,
     embedding_l2: float = 0.0,
+    amp: torch.dtype | None = None,
+    dist: Dist | None = None,
 ) -> torch.Tensor:
-    """One optimiser step on a batch (BCE + embedding_l2/2·‖E‖²); returns the (detached)
-    mean BCE loss."""
-    bce = F.binary_cross_entropy_with_logits(model(cat, dense), labels)
+    """One optimiser step on a batch (BCE + embedding_l2/2·penalty); returns the (detached)
+    mean BCE loss. The penalty is the whole table's ‖E‖² (FuxiCTR's embedding regulariser) when
+    the table is dense, the batch rows' when it is sparse (a whole-table term would make every
+    row's gradient dense)."""
+    opts = opt if isinstance(opt, Optimisers) else Optimisers(opt)
+    sparse = opts.table is not None
+    with torch.autocast(cat.device.type, dtype=amp, enabled=amp is not None):
+        bce = F.binary_cross_entropy_with_logits(model(cat, dense).float(), labels)
     loss = bce
     if embedding_l2 > 0:
-        penalty = embedding_penalty(model)
+        penalty = embedding_penalty(model, cat if sparse else None)
         if penalty is not None:
             loss = bce + 0.5 * embedding_l2 * penalty
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
+    for o in opts.all:
+        o.zero_grad(set_to_none=True)
+    (opts.scaler.scale(loss) if opts.scaler is not None else loss).backward()
+    if sparse and dist is not None and dist.world > 1:
+        table = _unwrap(model).embedding.table.weight
+        if table.grad is not None:
+            table.grad = dist.average_sparse(table.grad)
+    if opts.scaler is not None:
+        for o in opts.all:
+            opts.scaler.unscale_(o)
     if grad_clip_norm > 0:
-        nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm)
-    opt.step()
+        if sparse:
+            clip_grad_norm(model.parameters(), grad_clip_norm)
+        else:
+            nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm)
+    if opts.scaler is not None:
+        for o in opts.all:
+            opts.scaler.step(o)
+        opts.scaler.update()
+    else:
+        for o in opts.all:
+            o.step()
     return bce.detach()
+
+
+def make_optimisers(model: nn.Module, cfg: TrainConfig, amp: torch.dtype | None) -> Optimisers:
+    """Adam (+ row-wise Adagrad on a sparse table, ``cfg.embedding_optimizer``) and, for fp16
+    autocast, a gradient scaler. Marks the table sparse when it gets row-wise Adagrad."""
+    emb = getattr(_unwrap(model), "embedding", None)
+    scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
+    if cfg.embedding_optimizer == "adam" or emb is None:
+        return Optimisers(torch.optim.Adam(model.parameters(), lr=cfg.lr,
+                                           weight_decay=cfg.weight_decay), scaler=scaler)
+    emb.table.sparse = True
+    dense = [p for p in model.parameters() if p is not emb.table.weight]
+    return Optimisers(torch.optim.Adam(dense, lr=cfg.lr, weight_decay=cfg.weight_decay),
+                      RowWiseAdagrad([emb.table.weight], lr=cfg.embedding_lr), scaler)
 
 
 def _monitor(m: dict[str, float]) -> float:
@@ -173,35 +264,50 @@ def fit(
     model: nn.Module, data: PreparedData, cfg: TrainConfig, log: Log = _stderr,
     embedding_l2: float = 0.0,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    dist: Dist | None = None,
 ) -> list[dict[str, Any]]:
-    """Train in place; on return the model holds the weights of the best valid epoch.
+    """Train in place on ``cfg.device``; on return the model (left on that device) holds the
+    weights of the best valid epoch.
 
     ``embedding_l2``: the model config's regulariser strength. ``on_epoch`` is called with each
     epoch's history row (valid AUC and logloss included); an exception it raises ends training
-    and propagates (``mldcn tune`` prunes a trial so)."""
+    and propagates (``mldcn tune`` prunes a trial so). ``dist``: this process's place in a
+    data-parallel job (:mod:`model.distributed`; the group must be initialised)."""
     from tqdm import tqdm
 
+    d = dist or Dist()
+    device = resolve_device(cfg.device, d.local_rank)
+    amp = amp_dtype(device, cfg.amp)
+    model.to(device)
+    opts = make_optimisers(model, cfg, amp)
+    net = model
+    if d.world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        if opts.table is not None:  # its sparse gradient is averaged by train_step
+            DDP._set_params_and_buffers_to_ignore_for_model(model, ["embedding.table.weight"])
+        net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     rng = np.random.default_rng(cfg.seed)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
-        opt, mode="max", factor=cfg.lr_factor, patience=cfg.lr_patience, min_lr=cfg.min_lr
-    )
+    scheds = [torch.optim.lr_scheduler.ReduceLROnPlateau(
+        o, mode="max", factor=cfg.lr_factor, patience=cfg.lr_patience, min_lr=cfg.min_lr)
+        for o in opts.all]
     train_rows = data.rows("train")
     steps = sum(math.ceil(s.rows / cfg.batch_size) for s in data.shards["train"])
     batch_norm = any(isinstance(m, nn.BatchNorm1d) for m in model.modules())
     best, best_state, bad, history = -math.inf, None, 0, []
     for epoch in range(1, cfg.epochs + 1):
-        model.train()
+        net.train()
         t0 = time.perf_counter()
         seen, loss_sum = 0, 0.0
         bar = tqdm(total=steps, desc=f"epoch {epoch}", unit="batch", leave=False,
-                   disable=(not cfg.progress) if cfg.progress is not None else None,
-                   file=sys.stderr)
-        for cat, dense, y in iter_batches(data.shards["train"], cfg.batch_size, True, rng):
-            if len(y) == 1 and batch_norm:  # batch statistics of one row do not exist
-                continue
-            loss = train_step(model, opt, *to_tensors(cat, dense, y), cfg.grad_clip_norm,
-                              embedding_l2)
+                   disable=((not cfg.progress) if cfg.progress is not None else None)
+                   or not d.main, file=sys.stderr)
+        # batch statistics of one row do not exist: such batches are skipped with batch norm
+        for cat, dense, y in iter_batches(data.shards["train"], cfg.batch_size, True, rng,
+                                          share=(d.rank, d.world),
+                                          min_rows=2 if batch_norm else 1):
+            loss = train_step(net, opts, *to_tensors(cat, dense, y, device), cfg.grad_clip_norm,
+                              embedding_l2, amp, d)
             seen += len(y)
             loss_sum += float(loss) * len(y)
             bar.update(1)
@@ -210,12 +316,13 @@ def fit(
                 bar.set_postfix(loss=f"{loss_sum / seen:.4f}", ex_s=f"{rate:,.0f}")
         bar.close()
         train_s = time.perf_counter() - t0
-        valid = evaluate(model, data.shards["valid"], cfg.eval_batch_size)
-        lr = opt.param_groups[0]["lr"]
+        seen_all, loss_all = d.total(seen), d.total(loss_sum)
+        valid = evaluate(model, data.shards["valid"], cfg.eval_batch_size, d, amp)
+        lr = opts.adam.param_groups[0]["lr"]
         row = {
             "epoch": epoch,
-            "train_loss": loss_sum / max(seen, 1),
-            "train_examples_per_s": seen / max(train_s, 1e-9),
+            "train_loss": loss_all / max(seen_all, 1),
+            "train_examples_per_s": seen_all / max(train_s, 1e-9),
             "train_s": train_s,
             "valid_auc": valid["auc"],
             "valid_logloss": valid["logloss"],
@@ -230,10 +337,11 @@ def fit(
             f"lr {lr:.1e}  ({train_rows:,} train rows)"
         )
         score = _monitor(valid)
-        sched.step(score)
+        for sched in scheds:
+            sched.step(score)
         if score > best + 1e-6:
             best, bad = score, 0
-            best_state = copy.deepcopy(model.state_dict())
+            best_state = _keep(model, best_state)
         else:
             bad += 1
             if bad >= cfg.early_stop_patience:
@@ -241,7 +349,21 @@ def fit(
                 break
     if best_state is not None:
         model.load_state_dict(best_state)
+    emb = getattr(model, "embedding", None)
+    if emb is not None:
+        emb.table.sparse = False  # a plain table again for export and inference
     return history
+
+
+def _keep(model: nn.Module, kept: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    """A copy of the model's state (the best epoch's), written over ``kept`` in place: one copy
+    of a large table is held, never two."""
+    state = model.state_dict()
+    if kept is None:
+        return copy.deepcopy(state)
+    for k, v in state.items():
+        kept[k].copy_(v)
+    return kept
 
 
 def train_run(
@@ -260,22 +382,33 @@ def train_run(
     """Prepare data, train, test and write the run folder. Returns the metrics dict.
 
     ``valid_source`` / ``test_source``: pre-split validation / test files
-    (:func:`model.dataset.prepare_sources`)."""
+    (:func:`model.dataset.prepare_sources`). Under torchrun (:mod:`model.distributed`) every
+    rank calls this: rank 0 prepares the data and writes the folder, all ranks train."""
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"run folder {out} exists and is not empty (use --overwrite)")
+    d = from_env()
+    device = resolve_device(train_cfg.device, d.local_rank)
     if train_cfg.threads:
         torch.set_num_threads(train_cfg.threads)
     torch.manual_seed(train_cfg.seed)
     np.random.seed(train_cfg.seed)
+    init_group(d, device)
+    if not d.main:
+        log = _quiet
 
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    data: PreparedData | None = None
+    if d.main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
     try:
         t0 = time.perf_counter()
-        data = prepare_sources(source, split, tmp / "cache", valid_source, test_source,
-                               chunk_rows=chunk_rows, shard_rows=shard_rows)
+        if d.main:
+            data = prepare_sources(source, split, tmp / "cache", valid_source, test_source,
+                                   chunk_rows=chunk_rows, shard_rows=shard_rows)
+        tmp, data = d.broadcast((tmp, data))
+        assert data is not None
         prep_s = time.perf_counter() - t0
         log(
             f"data: {data.rows('train'):,} train / {data.rows('valid'):,} valid / "
@@ -294,11 +427,13 @@ def train_run(
             f"{flops.params:,} parameters")
 
         t1 = time.perf_counter()
-        history = fit(model, data, train_cfg, log, embedding_l2=model_cfg.embedding_l2)
+        history = fit(model, data, train_cfg, log, embedding_l2=model_cfg.embedding_l2,
+                      dist=d)
         train_s = time.perf_counter() - t1
-        calibrated = calibrate(model, data, train_cfg, log)
-        valid = evaluate(model, data.shards["valid"], train_cfg.eval_batch_size)
-        test = evaluate(model, data.shards["test"], train_cfg.eval_batch_size)
+        calibrated = calibrate(model, data, train_cfg, log, d)
+        amp = amp_dtype(device, train_cfg.amp)
+        valid = evaluate(model, data.shards["valid"], train_cfg.eval_batch_size, d, amp)
+        test = evaluate(model, data.shards["test"], train_cfg.eval_batch_size, d, amp)
         log(f"best: valid_auc {valid['auc']:.4f}  test_auc {test['auc']:.4f}  "
             f"test_logloss {test['logloss']:.4f}  test pred/obs CTR "
             f"{test.get('pred_obs_ratio', float('nan')):.3f}  test ECE "
@@ -328,9 +463,15 @@ def train_run(
                 "prepare_s": prep_s,
             },
             "train_s": train_s,
+            "device": str(device),
+            "amp": str(amp).removeprefix("torch.") if amp is not None else "off",
+            "world_size": d.world,
             "torch_threads": torch.get_num_threads(),
             "torch_version": torch.__version__,
         }
+        if not d.main:
+            return metrics
+        model.cpu()
         write_samples(tmp / "samples", source, data)
         torch.save(model.state_dict(), tmp / "checkpoint.pt")
         (tmp / "model_config.json").write_text(json.dumps(
@@ -348,14 +489,21 @@ def train_run(
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp.rename(out)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if d.main:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        shutdown_group(d)
     log(f"wrote {out}")
     return metrics
 
 
+def _quiet(msg: str) -> None:
+    """The log of ranks other than 0."""
+
+
 def calibrate(model: nn.Module, data: PreparedData, cfg: TrainConfig,
-              log: Log = _stderr) -> dict[str, Any]:
+              log: Log = _stderr, dist: Dist | None = None) -> dict[str, Any]:
     """Apply ``cfg.calibrate`` to the trained model (in place) and say what it did.
 
     ``"temperature"``: fit T on the validation logits (:func:`fit_temperature`) and fold 1/T
@@ -364,11 +512,11 @@ def calibrate(model: nn.Module, data: PreparedData, cfg: TrainConfig,
     """
     if cfg.calibrate == "none":
         return {"method": "none", "temperature": 1.0}
-    y, z = predict(model, data.shards["valid"], cfg.eval_batch_size, logits=True)
+    y, z = predict(model, data.shards["valid"], cfg.eval_batch_size, logits=True, dist=dist)
     before = calibration(y, torch.sigmoid(torch.from_numpy(z)).numpy())
     temperature = fit_temperature(z, y)
     model.scale_logits(1.0 / temperature)
-    after = evaluate(model, data.shards["valid"], cfg.eval_batch_size)
+    after = evaluate(model, data.shards["valid"], cfg.eval_batch_size, dist)
     log(f"temperature scaling: T = {temperature:.4f}, valid logloss {before['logloss']:.4f} -> "
         f"{after['logloss']:.4f}, ECE {before['ece']:.4f} -> {after['ece']:.4f}")
     keys = ("logloss", "pred_obs_ratio", "ece")
