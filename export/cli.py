@@ -4,6 +4,7 @@ Importing this module is cheap (argparse only): the exporter (torch, onnx) is im
 ``mldcn export`` runs, and ``mldcn models list`` needs neither torch nor onnx.
 
     mldcn export RUN_DIR --repo MODELS_DIR --name NAME [--version N] [--fp16]
+                 [--external-data auto|always|never]
     mldcn models list MODELS_DIR [--verify]
 """
 
@@ -29,6 +30,11 @@ def add_export_commands(sub: Any) -> None:
                    help="version number (default: the latest + 1); must not exist")
     p.add_argument("--fp16", action="store_true",
                    help="float16 graph with float32 inputs/output (checked: AUC drop <= 0.001)")
+    # choices: export.exporter.EXTERNAL_DATA_MODES (not imported here: it imports torch)
+    p.add_argument("--external-data", choices=("auto", "always", "never"), default="auto",
+                   help="store the tensors in model.onnx.data beside model.onnx (ONNX external "
+                        "data, for graphs over the 2 GiB protobuf limit): auto (default) when "
+                        "they pass 1 GiB, always, or never (refused when they do not fit)")
     p.set_defaults(func=cmd_export)
 
     models = sub.add_parser("models", help="inspect a model repository")
@@ -50,7 +56,8 @@ def cmd_export(args: argparse.Namespace) -> Any:
         raise FileNotFoundError(f"run folder not found: {args.run_dir}")
     from export.exporter import export_run
 
-    result = export_run(args.run_dir, args.repo, args.name, args.version, fp16=args.fp16)
+    result = export_run(args.run_dir, args.repo, args.name, args.version, fp16=args.fp16,
+                        external_data=args.external_data)
     print(f"{result.name} version {result.version}: {result.path}")
     return result
 

@@ -20,6 +20,20 @@
 4. write model.json (see ``export.repository``; ``onnx.graph_form`` and the graph's operator
    counts record which form was written) and publish the folder with one ``os.rename``.
 
+External data (``external_data``, ``mldcn export --external-data``): one protobuf file cannot
+exceed 2 GiB, so a graph with larger tensors (a wide hashed embedding table) is stored as
+``model.onnx`` (the graph, small) plus ONE data file ``model.onnx.data`` beside it holding every
+initializer of at least ``EXTERNAL_TENSOR_MIN_BYTES``; both are in the staging folder, so the
+one ``os.rename`` publishes them together, and model.json's ``external_data`` records the data
+file's SHA-256 and size. "auto" (the default) stores externally when the graph's initializers
+total more than ``EXTERNAL_DATA_THRESHOLD`` (1 GiB, well below the limit), "always" does so for
+any graph, "never" keeps one file and refuses (ExportError) a graph whose initializers exceed
+``MAX_PROTOBUF_BYTES``. The TorchScript exporter writes tensors of a > 2 GiB model as one file
+each beside its output, so it traces into a private sub-folder; the graph is loaded back with
+its tensors, its inputs and outputs declared, and saved in the final layout; the sub-folder is
+deleted. ``onnx.checker`` checks the saved file by path (a > 2 GiB proto cannot be serialised
+for an in-memory check), and the parity checks open the staged files as the server will.
+
 fp16 (``fp16=True``): the model's weights are cast to float16 and traced with float32 ↔ float16
 casts at the boundary (``dense`` is cast to float16 on entry, the logit to float32 before the
 sigmoid), so the graph computes in float16 while its inputs and output keep their fp32 types.
@@ -35,7 +49,9 @@ from __future__ import annotations
 import copy
 import json
 import pickle
+import shutil
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -51,6 +67,7 @@ from torch import nn
 
 from export.repository import (
     BATCH_AXIS,
+    EXTERNAL_DATA_FILE,
     INPUT_NAMES,
     META_FILE,
     MODEL_FILE,
@@ -58,6 +75,7 @@ from export.repository import (
     RepositoryError,
     check_name,
     check_version,
+    external_data_entry,
     io_spec,
     publish,
     sha256_file,
@@ -81,6 +99,11 @@ FP32_TOLERANCE = 1e-5
 FP16_TOLERANCE = 1e-2
 FP16_MAX_AUC_DROP = 1e-3
 EXPORTER = "torch.onnx.export (TorchScript tracer, dynamo=False)"
+EXTERNAL_DATA_MODES: tuple[str, ...] = ("auto", "always", "never")
+EXTERNAL_DATA_THRESHOLD = 1 << 30  # "auto": initializers above 1 GiB go to model.onnx.data
+PROTOBUF_LIMIT_BYTES = 1 << 31  # 2 GiB: the most one protobuf message can serialise to
+MAX_PROTOBUF_BYTES = PROTOBUF_LIMIT_BYTES - (1 << 27)  # "never": 128 MiB left for the graph
+EXTERNAL_TENSOR_MIN_BYTES = 1024  # smaller tensors (shapes, scalars) stay inside model.onnx
 _CHUNK_ROWS = 4096
 
 Log = Callable[[str], None]
@@ -304,36 +327,106 @@ def op_counts(graph_model: onnx.ModelProto) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
+def initializer_bytes(graph_model: onnx.ModelProto) -> int:
+    """Bytes of the graph's initializers (their raw data; else their serialised size)."""
+    return sum(len(t.raw_data) if t.HasField("raw_data") else t.ByteSize()
+               for t in graph_model.graph.initializer)
+
+
+def check_external_data_mode(mode: str) -> str:
+    """Return ``mode`` if it is one of ``EXTERNAL_DATA_MODES``, else raise ExportError."""
+    if mode not in EXTERNAL_DATA_MODES:
+        raise ExportError(f"external_data must be one of {EXTERNAL_DATA_MODES}, got {mode!r}")
+    return mode
+
+
+def wants_external_data(mode: str, tensor_bytes: int) -> bool:
+    """Whether a graph whose initializers hold ``tensor_bytes`` is saved with external data.
+
+    "auto": above ``EXTERNAL_DATA_THRESHOLD``; "always": yes; "never": no, and ExportError when
+    the tensors would not fit one protobuf file (above ``MAX_PROTOBUF_BYTES``).
+
+    Example:
+        >>> wants_external_data("auto", 1 << 20), wants_external_data("auto", 3 << 30)
+        (False, True)
+        >>> wants_external_data("always", 0), wants_external_data("never", 1 << 30)
+        (True, False)
+        >>> wants_external_data("never", 3 << 30)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        export.exporter.ExportError: the graph's initializers hold 3221225472 bytes, ...
+    """
+    check_external_data_mode(mode)
+    if mode == "never":
+        if tensor_bytes > MAX_PROTOBUF_BYTES:
+            raise ExportError(
+                f"the graph's initializers hold {tensor_bytes} bytes, more than one ONNX "
+                f"protobuf file can hold ({MAX_PROTOBUF_BYTES} bytes: the 2 GiB protobuf limit "
+                "less a margin for the graph); export with external data ('auto' or 'always')"
+            )
+        return False
+    return mode == "always" or tensor_bytes > EXTERNAL_DATA_THRESHOLD
+
+
 def export_graph(
-    model: nn.Module, path: Path, num_cat: int, num_dense: int, half: bool = False
+    model: nn.Module, path: Path, num_cat: int, num_dense: int, half: bool = False,
+    external_data: str = "auto",
 ) -> onnx.ModelProto:
     """Trace ``ProbabilityModel(model)`` to ``path`` (opset ``OPSET``, dynamic batch) and check it.
 
     Inputs the tracer drops (cat_ids when F_cat = 0) are declared anyway, so every graph has
     exactly the inputs (cat_ids, dense) and the output probability; names, shapes and doc
-    strings are set, then ``onnx.checker.check_model(full_check=True)`` runs. Returns the model.
+    strings are set. With external data (``external_data``, see ``wants_external_data`` and
+    the module docstring) the tensors go to one file beside ``path``, named ``path``'s name +
+    ``.data`` (``model.onnx.data``); else no such file is left there. Then
+    ``onnx.checker.check_model(path, full_check=True)`` runs on the saved file. Returns the
+    model; with external data its tensors refer to the data file (their bytes are not in memory).
     """
+    check_external_data_mode(external_data)
+    path = Path(path)
     module = ProbabilityModel(copy.deepcopy(model).half() if half else model, half=half).eval()
     example = (torch.zeros(2, num_cat, dtype=torch.int64), torch.zeros(2, num_dense))
     axes = {INPUT_NAMES[0]: {0: BATCH_AXIS}, INPUT_NAMES[1]: {0: BATCH_AXIS},
             OUTPUT_NAME: {0: BATCH_AXIS}}
+    # A model over 2 GiB makes the tracer write one file per tensor beside its output: trace
+    # into a private folder, load the graph with its tensors, save it in the final layout.
+    trace_dir = Path(tempfile.mkdtemp(prefix=".trace-", dir=path.parent))
     try:
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")  # the legacy exporter's deprecation notices
-            torch.onnx.export(
-                module, example, str(path), input_names=list(INPUT_NAMES),
-                output_names=[OUTPUT_NAME], dynamic_axes=axes, opset_version=OPSET,
-                do_constant_folding=True, dynamo=False,
-            )
-    except Exception as e:  # the exporter raises many types; all mean "cannot export"
-        raise ExportError(f"ONNX export failed: {_one_line(e)}") from None
-    graph_model = onnx.load(str(path))
+        traced = trace_dir / path.name
+        try:
+            with warnings.catch_warnings(), torch.no_grad():
+                warnings.simplefilter("ignore")  # the legacy exporter's deprecation notices
+                torch.onnx.export(
+                    module, example, str(traced), input_names=list(INPUT_NAMES),
+                    output_names=[OUTPUT_NAME], dynamic_axes=axes, opset_version=OPSET,
+                    do_constant_folding=True, dynamo=False,
+                )
+        except Exception as e:  # the exporter raises many types; all mean "cannot export"
+            raise ExportError(f"ONNX export failed: {_one_line(e)}") from None
+        graph_model = onnx.load(str(traced))  # external tensors the tracer wrote load too
+    finally:
+        shutil.rmtree(trace_dir, ignore_errors=True)
     _declare_io(graph_model, num_cat, num_dense)
+    external = wants_external_data(external_data, initializer_bytes(graph_model))
+    data_path = path.with_name(path.name + ".data")
+    data_path.unlink(missing_ok=True)  # onnx appends to an existing data file
     try:
-        onnx.checker.check_model(graph_model, full_check=True)
+        if external:
+            onnx.save_model(graph_model, str(path), save_as_external_data=True,
+                            all_tensors_to_one_file=True, location=data_path.name,
+                            size_threshold=EXTERNAL_TENSOR_MIN_BYTES)
+        else:
+            onnx.save_model(graph_model, str(path))
+    except (ValueError, OSError) as e:  # protobuf's size limit, a full disk
+        raise ExportError(f"cannot save the exported graph to {path}: {_one_line(e)}") from None
+    if data_path.is_file():
+        # onnx creates the data file readable by its owner only; give it model.onnx's mode, so
+        # that a server running as another user (the image's uid 10001) can read both.
+        data_path.chmod(path.stat().st_mode & 0o777)
+    try:
+        onnx.checker.check_model(str(path), full_check=True)  # by path: external data too
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
         raise ExportError(f"onnx.checker rejected the exported graph: {_one_line(e)}") from None
-    onnx.save(graph_model, str(path))
     return graph_model
 
 
@@ -522,7 +615,9 @@ def build_meta(
     parity: dict[str, Any],
     graph_form: str = "plain",
 ) -> dict[str, Any]:
-    """model.json for a staged model.onnx (see ``export.repository`` for the fields)."""
+    """model.json for a staged model.onnx (see ``export.repository`` for the fields).
+
+    ``external_data`` describes the ``model.onnx.data`` beside ``onnx_path``, null if none."""
     cards, num_dense = run.cardinalities, run.num_dense
     flops = model_flops(run.config, cards, num_dense)
     inputs, outputs = io_spec(len(cards), num_dense)
@@ -534,6 +629,7 @@ def build_meta(
         "model_file": MODEL_FILE,
         "sha256": sha256_file(onnx_path),
         "bytes": onnx_path.stat().st_size,
+        "external_data": external_data_entry(onnx_path.parent),
         "precision": precision,
         "inputs": inputs,
         "outputs": outputs,
@@ -572,6 +668,7 @@ def export_run(
     version: int | None = None,
     fp16: bool = False,
     log: Log = _stderr,
+    external_data: str = "auto",
 ) -> ExportResult:
     """Export a run folder as version ``version`` (default: latest + 1) of ``repo/name``.
 
@@ -587,8 +684,12 @@ def export_run(
         version: the version number; it must not exist yet.
         fp16: export a float16 graph (float32 inputs and output); see the module docstring.
         log: progress messages.
+        external_data: "auto", "always" or "never": store the tensors in ``model.onnx.data``
+            beside model.onnx when they pass ``EXTERNAL_DATA_THRESHOLD``, always, or never
+            (refusing a graph too large for one protobuf file); see the module docstring.
     """
     check_name(name)
+    check_external_data_mode(external_data)
     check_version(version)
     repo_path = Path(repo)
     if repo_path.exists() and not repo_path.is_dir():
@@ -604,8 +705,12 @@ def export_run(
         onnx_path = staging / MODEL_FILE
         serving, graph_form = serving_form(run.model)
         graph_model = export_graph(serving, onnx_path, len(run.cardinalities), run.num_dense,
-                                   half=fp16)
-        log(f"graph: {graph_form} form, {sum(op_counts(graph_model).values())} operators")
+                                   half=fp16, external_data=external_data)
+        data_path = staging / EXTERNAL_DATA_FILE
+        storage = (f"tensors in {EXTERNAL_DATA_FILE} ({data_path.stat().st_size:,} bytes)"
+                   if data_path.is_file() else f"tensors inside {MODEL_FILE}")
+        log(f"graph: {graph_form} form, {sum(op_counts(graph_model).values())} operators; "
+            f"{storage}")
         parity = check_parity(run, samples, onnx_path, precision)
         log(f"parity ({precision}, ONNX Runtime {PROVIDER} vs PyTorch fp32): max |Δp| "
             f"{parity['max_abs_diff']:.2e} over {len(parity['checks'])} checks; validation AUC "

@@ -5,8 +5,16 @@ atomic-publish helpers. numpy and the numpy-only feature encoders only: no torch
 
 Layout::
 
-    MODELS_DIR/<name>/<version>/model.onnx   the graph (inputs cat_ids, dense; output probability)
-    MODELS_DIR/<name>/<version>/model.json   everything needed to serve it (fields below)
+    MODELS_DIR/<name>/<version>/model.onnx        the graph (inputs cat_ids, dense; output
+                                                  probability)
+    MODELS_DIR/<name>/<version>/model.onnx.data   its tensors of 1 KiB or more, for a graph
+                                                  stored with ONNX external data (only then;
+                                                  ``external_data`` below)
+    MODELS_DIR/<name>/<version>/model.json        everything needed to serve it (fields below)
+
+A version is the folder, not one file: copy or move it whole (``shutil.copytree``, ``cp -r``).
+ONNX Runtime (and ``onnx.load``) find ``model.onnx.data`` beside ``model.onnx`` by themselves,
+so opening a session from the ``model.onnx`` path works for both storage forms.
 
 Visibility rules (servers and :class:`ModelRepository` follow them):
 
@@ -20,7 +28,7 @@ Visibility rules (servers and :class:`ModelRepository` follow them):
   or not at all. A dot folder left behind by a killed export is garbage, safe to delete when no
   export is running. Any other entry (files, other names) is ignored as well.
 
-``model.json`` (``META_FORMAT_VERSION`` 1), all keys always present:
+``model.json`` (``META_FORMAT_VERSION`` 1), all keys always present except where said:
 
 format_version
     1.
@@ -28,6 +36,12 @@ created_at
     UTC time of the export, ISO 8601 (``2025-01-31T12:00:00Z``).
 model_file, sha256, bytes
     ``model.onnx``, its content hash (hex SHA-256) and size.
+external_data
+    null when the graph holds its own tensors (one protobuf file, which cannot exceed 2 GiB);
+    else ``{"file": "model.onnx.data", "sha256": <hex>, "bytes": <int>}``: the one external data
+    file beside model.onnx that holds its tensors (``mldcn export --external-data``; "auto" uses
+    it for graphs whose initializers pass 1 GiB), with its content hash and size. Files written
+    before this key existed lack it, stay valid, and mean null.
 precision
     ``fp32``, or ``fp16`` (float16 inside the graph; inputs and output keep their types).
 inputs, outputs
@@ -102,6 +116,8 @@ from model.files import sha256_file
 from model.schema import SchemaError
 
 MODEL_FILE = "model.onnx"
+EXTERNAL_DATA_FILE = MODEL_FILE + ".data"  # the tensors of a graph stored with external data
+EXTERNAL_DATA_KEYS: tuple[str, ...] = ("file", "sha256", "bytes")
 META_FILE = "model.json"
 META_FORMAT_VERSION = 1
 STAGING_PREFIX = ".export-"
@@ -224,6 +240,51 @@ def _check_graph_keys(info: dict[str, Any], where: Path) -> None:
                            f"onnx.op_counts ({sum(counts.values())})")
 
 
+def _is_sha256(value: Any) -> bool:
+    return isinstance(value, str) and re.fullmatch(r"[0-9a-f]{64}", value) is not None
+
+
+def _check_external_data(entry: Any, where: Path) -> None:
+    """``external_data``: optional; null, or exactly file (``EXTERNAL_DATA_FILE``), sha256 and
+    bytes."""
+    if entry is None:
+        return
+    if not isinstance(entry, dict) or sorted(entry) != sorted(EXTERNAL_DATA_KEYS):
+        got = sorted(entry) if isinstance(entry, dict) else type(entry).__name__
+        raise _fail(where, f"external_data must be null or an object with keys "
+                           f"{list(EXTERNAL_DATA_KEYS)}, got {got}")
+    if entry["file"] != EXTERNAL_DATA_FILE:
+        raise _fail(where, f"external_data.file must be {EXTERNAL_DATA_FILE!r}, got "
+                           f"{entry['file']!r}")
+    if not _is_sha256(entry["sha256"]):
+        raise _fail(where, f"external_data.sha256 must be 64 lowercase hex digits, got "
+                           f"{entry['sha256']!r}")
+    size = entry["bytes"]
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        raise _fail(where, f"external_data.bytes must be an integer >= 0, got {size!r}")
+
+
+def external_data_entry(folder: Path) -> dict[str, Any] | None:
+    """model.json's ``external_data`` for a (staged) version folder: None without a data file.
+
+    Example:
+        >>> import tempfile
+        >>> folder = Path(tempfile.mkdtemp())
+        >>> external_data_entry(folder) is None
+        True
+        >>> _ = (folder / EXTERNAL_DATA_FILE).write_bytes(b"tensors")
+        >>> entry = external_data_entry(folder)
+        >>> entry["file"], entry["bytes"], len(entry["sha256"])
+        ('model.onnx.data', 7, 64)
+        >>> shutil.rmtree(folder)
+    """
+    path = folder / EXTERNAL_DATA_FILE
+    if not path.is_file():
+        return None
+    return {"file": EXTERNAL_DATA_FILE, "sha256": sha256_file(path),
+            "bytes": path.stat().st_size}
+
+
 def validate_meta(meta: Any, where: Path) -> dict[str, Any]:
     """Check a parsed model.json's structure and internal consistency; return it.
 
@@ -231,8 +292,9 @@ def validate_meta(meta: Any, where: Path) -> dict[str, Any]:
     ``schema``, their layout is ``model.cardinalities`` / ``model.num_dense``; ``inputs`` and
     ``outputs`` are exactly ``io_spec`` of that layout (names, dtypes and shapes); where
     ``onnx.graph_form`` / ``onnx.op_counts`` are present, the form is one of ``GRAPH_FORMS`` and
-    ``onnx.node_count`` is the counts' sum. Raises RepositoryError naming ``where`` and the
-    problem.
+    ``onnx.node_count`` is the counts' sum; ``external_data``, where present and not null, names
+    ``EXTERNAL_DATA_FILE`` with a SHA-256 and a size. Raises RepositoryError naming ``where`` and
+    the problem.
     """
     if not isinstance(meta, dict):
         raise _fail(where, "is not a JSON object")
@@ -247,8 +309,9 @@ def validate_meta(meta: Any, where: Path) -> dict[str, Any]:
     if meta["model_file"] != MODEL_FILE:
         raise _fail(where, f"model_file must be {MODEL_FILE!r}, got {meta['model_file']!r}")
     sha = meta["sha256"]
-    if not isinstance(sha, str) or not re.fullmatch(r"[0-9a-f]{64}", sha):
+    if not _is_sha256(sha):
         raise _fail(where, f"sha256 must be 64 lowercase hex digits, got {sha!r}")
+    _check_external_data(meta.get("external_data"), where)
     try:
         encoders = FeatureEncoders.from_dict(meta["encoders"])
     except (SchemaError, AttributeError, TypeError) as e:
@@ -282,6 +345,22 @@ def validate_meta(meta: Any, where: Path) -> dict[str, Any]:
     return meta
 
 
+def _check_file(path: Path, size: int, digest: str, entry: str = "") -> None:
+    """RepositoryError unless ``path`` exists with ``size`` bytes and SHA-256 ``digest``, the
+    values of model.json's ``entry`` (its top level when empty)."""
+    if not path.is_file():
+        raise _fail(path, "is missing")
+    source = f"{META_FILE}'s {entry}" if entry else META_FILE
+    got = path.stat().st_size
+    if got != size:
+        raise _fail(path, f"has {got} bytes, {source} says {size}")
+    got_digest = sha256_file(path)
+    if got_digest != digest:
+        raise _fail(path, f"sha256 {got_digest} does not match {META_FILE}'s "
+                          f"{entry + ' ' if entry else ''}{digest} (the file was changed or "
+                          "replaced)")
+
+
 @dataclass(frozen=True)
 class ModelVersion:
     """One version folder of the repository; model.json is read lazily (and cached).
@@ -300,6 +379,12 @@ class ModelVersion:
     def onnx_path(self) -> Path:
         """``<version folder>/model.onnx``."""
         return self.path / MODEL_FILE
+
+    @property
+    def external_data_path(self) -> Path | None:
+        """``<version folder>/model.onnx.data`` if model.json says the graph uses it, else None."""
+        entry = self.meta.get("external_data")
+        return None if entry is None else self.path / entry["file"]
 
     @property
     def meta_path(self) -> Path:
@@ -355,21 +440,27 @@ class ModelVersion:
         """Check that this version can be served as model.json describes it; return self.
 
         Checks: model.json is valid and consistent (see ``validate_meta``); model.onnx exists and
-        its size and SHA-256 equal model.json's ``bytes`` and ``sha256``; with ``check_graph``,
-        ONNX Runtime loads the graph (or ``session``, one the caller already opened on it, is
-        used) and its inputs and outputs (names, order, types, shapes) are those of model.json.
+        its size and SHA-256 equal model.json's ``bytes`` and ``sha256``; so does the external
+        data file where model.json's ``external_data`` names one, and where it names none there
+        is no ``model.onnx.data`` in the folder; with ``check_graph``, ONNX
+        Runtime loads the graph (or ``session``, one the caller already opened on it, is used)
+        and its inputs and outputs (names, order, types, shapes) are those of model.json.
         Raises RepositoryError naming the file and the problem.
         """
         meta = self.meta
-        if not self.onnx_path.is_file():
-            raise _fail(self.onnx_path, "is missing")
-        size = self.onnx_path.stat().st_size
-        if size != meta["bytes"]:
-            raise _fail(self.onnx_path, f"has {size} bytes, {META_FILE} says {meta['bytes']}")
-        digest = sha256_file(self.onnx_path)
-        if digest != meta["sha256"]:
-            raise _fail(self.onnx_path, f"sha256 {digest} does not match {META_FILE}'s "
-                                        f"{meta['sha256']} (the file was changed or replaced)")
+        _check_file(self.onnx_path, meta["bytes"], meta["sha256"])
+        data_path = self.external_data_path
+        if data_path is None:
+            stray = self.path / EXTERNAL_DATA_FILE  # ONNX Runtime would read it, unchecked
+            if stray.exists():
+                raise _fail(stray, f"is there but {META_FILE} has no external_data to check it "
+                                   "against (the version folder was changed)")
+        else:
+            if not data_path.is_file():
+                raise _fail(data_path, f"is missing ({META_FILE}'s external_data says the graph's "
+                                       "tensors are stored there)")
+            entry = meta["external_data"]
+            _check_file(data_path, entry["bytes"], entry["sha256"], "external_data")
         if check_graph:
             session = session if session is not None else self.open_session()
             for key, tensors in (("inputs", session.get_inputs()),
