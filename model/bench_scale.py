@@ -54,13 +54,15 @@ def hashed_schema(schema: dict[str, Any], buckets: int) -> dict[str, Any]:
 
 
 def throughput(data: list[str], data_args: list[str], arch: str, batch_size: int,
-               epochs: int, cores: int, repeats: int, tmp: Path) -> list[dict[str, Any]]:
+               epochs: int, cores: int, repeats: int, tmp: Path,
+               level: str = "small") -> list[dict[str, Any]]:
     """examples/s and valid AUC of 1 process × 1 thread, 1 × ``cores``, ``cores`` × 1."""
     settings = [("1 process, 1 thread", ["--threads", "1"], {}),
                 (f"1 process, {cores} threads", ["--threads", str(cores)], {}),
                 (f"{cores} processes (torchrun, gloo), 1 thread each",
                  ["--nproc", str(cores), "--threads", "1"], {})]
-    common = ["--data", *data, *data_args, "--arch", arch, "--batch-size", str(batch_size),
+    common = ["--data", *data, *data_args, "--arch", arch, "--preset", level,
+              "--batch-size", str(batch_size),
               "--epochs", str(epochs), "--patience", str(epochs), "--device", "cpu"]
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _, _ in settings}
     for r in range(repeats):
@@ -115,7 +117,7 @@ def main(args: Any) -> None:
     with tempfile.TemporaryDirectory(prefix="mldcn-scale-") as d:
         tmp = Path(d)
         tp = throughput(data, data_args, args.arch, args.batch_size, args.epochs, args.cores,
-                        args.repeats, tmp)
+                        args.repeats, tmp, args.preset)
         mem = []
         if args.buckets:
             schema = json.loads(Path(args.memory_schema).read_text())
@@ -131,6 +133,7 @@ def main(args: Any) -> None:
             print(f"{row['embedding_optimizer']:<18} {row['buckets']:>11,} {row['embed_dim']:>3} "
                   f"{row['peak_rss_bytes'] / 2**20:>9,.0f} {row['bytes_per_table_row']:>7.1f}")
     _write(args.out, {"benchmark": "train-scale", "machine": machine(), "arch": args.arch,
+                      "preset": args.preset,
                       "batch_size": args.batch_size, "epochs": args.epochs, "data": data,
                       "throughput": tp, "table_memory": mem,
                       "peak_rss_note": "ru_maxrss of the whole mldcn train process"})

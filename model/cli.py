@@ -353,6 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--schema", help="feature schema of --data (CSV/Parquet)")
     p.add_argument("--test-data", nargs="+", metavar="PATH")
     p.add_argument("--arch", default="mldcn")
+    p.add_argument("--preset", default="small", help="matched-FLOPs level (default small)")
     p.add_argument("--batch-size", type=int, default=2048)
     p.add_argument("--epochs", type=int, default=3, help="epochs per run (default 3)")
     p.add_argument("--cores", type=int, default=2, help="processes / threads compared (2)")

@@ -275,3 +275,38 @@ def test_service_monitor_selects_the_service() -> None:
     svc = _one(render(BASE), "Service")
     assert _selects(sm["spec"]["selector"]["matchLabels"], svc["metadata"]["labels"])
     assert [(e["port"], e["path"]) for e in sm["spec"]["endpoints"]] == [("http", METRICS_PATH)]
+
+
+def test_pytorchjob_runs_mldcn_train_under_torchrun_on_a_shared_volume() -> None:
+    """docker/k8s/training/pytorchjob.yaml: Master and Worker run the same pod; the command is
+    torchrun with the operator's PET_* rendezvous and `-m model train` flags the real parser
+    accepts; data, staging and run folder live on one ReadWriteMany claim."""
+    import shlex
+
+    from model.cli import build_parser
+
+    pvc, job = _load(K8S / "training" / "pytorchjob.yaml")
+    assert job["apiVersion"] == "kubeflow.org/v1" and job["kind"] == "PyTorchJob"
+    specs = job["spec"]["pytorchReplicaSpecs"]
+    assert specs["Master"]["replicas"] == 1
+    assert specs["Master"]["template"] == specs["Worker"]["template"]
+    pod = specs["Master"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["command"] == ["sh", "-c"]
+    words = shlex.split(container["args"][0])
+    assert words[:2] == ["exec", "torchrun"]
+    for flag, var in (("--nnodes", "PET_NNODES"), ("--nproc-per-node", "PET_NPROC_PER_NODE"),
+                      ("--node-rank", "PET_NODE_RANK"), ("--master-addr", "PET_MASTER_ADDR"),
+                      ("--master-port", "PET_MASTER_PORT")):
+        assert f"{flag}=${var}" in words
+    module = words.index("-m")
+    assert words[module + 1:module + 3] == ["model", "train"]
+    args = build_parser().parse_args(words[module + 2:])
+    assert args.device == "cuda" and args.nproc == 1  # torchrun starts the processes
+    assert int(job["spec"]["nprocPerNode"]) == container["resources"]["limits"]["nvidia.com/gpu"]
+    (mount,) = [m for m in container["volumeMounts"] if m["name"] == "work"]
+    for path in (args.out, args.schema, *args.data, *args.valid_data, *args.test_data):
+        assert path.startswith(mount["mountPath"] + "/"), path
+    (volume,) = [v for v in pod["volumes"] if v["name"] == "work"]
+    assert volume["persistentVolumeClaim"]["claimName"] == pvc["metadata"]["name"]
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
