@@ -436,7 +436,8 @@ class ModelVersion:
         except Exception as e:  # ORT raises its own exception types
             raise _fail(self.onnx_path, f"ONNX Runtime cannot load it: {e}") from None
 
-    def verify(self, check_graph: bool = True, session: Any = None) -> ModelVersion:
+    def verify(self, check_graph: bool = True, session: Any = None,
+               check_files: bool = True) -> ModelVersion:
         """Check that this version can be served as model.json describes it; return self.
 
         Checks: model.json is valid and consistent (see ``validate_meta``); model.onnx exists and
@@ -445,9 +446,26 @@ class ModelVersion:
         is no ``model.onnx.data`` in the folder; with ``check_graph``, ONNX
         Runtime loads the graph (or ``session``, one the caller already opened on it, is used)
         and its inputs and outputs (names, order, types, shapes) are those of model.json.
+        ``check_files=False`` skips the sizes and hashes (a caller that checked them moments
+        ago: the files of a large model are read once per load, not twice).
         Raises RepositoryError naming the file and the problem.
         """
         meta = self.meta
+        if check_files:
+            self._check_files(meta)
+        if check_graph:
+            session = session if session is not None else self.open_session()
+            for key, tensors in (("inputs", session.get_inputs()),
+                                 ("outputs", session.get_outputs())):
+                got = [(t.name, t.type, list(t.shape)) for t in tensors]
+                want = [(t["name"], DTYPES[t["dtype"]][0], t["shape"]) for t in meta[key]]
+                if got != want:
+                    raise _fail(self.onnx_path, f"graph {key} {got} do not match {META_FILE}'s "
+                                                f"{want}")
+        return self
+
+    def _check_files(self, meta: dict[str, Any]) -> None:
+        """model.onnx and its external data file against model.json's sizes and hashes."""
         _check_file(self.onnx_path, meta["bytes"], meta["sha256"])
         data_path = self.external_data_path
         if data_path is None:
@@ -461,16 +479,6 @@ class ModelVersion:
                                        "tensors are stored there)")
             entry = meta["external_data"]
             _check_file(data_path, entry["bytes"], entry["sha256"], "external_data")
-        if check_graph:
-            session = session if session is not None else self.open_session()
-            for key, tensors in (("inputs", session.get_inputs()),
-                                 ("outputs", session.get_outputs())):
-                got = [(t.name, t.type, list(t.shape)) for t in tensors]
-                want = [(t["name"], DTYPES[t["dtype"]][0], t["shape"]) for t in meta[key]]
-                if got != want:
-                    raise _fail(self.onnx_path, f"graph {key} {got} do not match {META_FILE}'s "
-                                                f"{want}")
-        return self
 
     def summary(self) -> dict[str, Any]:
         """One row for listings: name, version, arch, precision, FLOPs, AUC, parity, created."""

@@ -143,6 +143,24 @@ def _without_nproc(argv: Sequence[str]) -> list[str]:
     return out
 
 
+def _check_parallel_device(spec: str, nproc: int) -> None:
+    """CLIError unless ``nproc`` processes can each have the device ``spec`` asks for."""
+    import torch
+
+    from model.device import resolve_device
+
+    device = resolve_device(spec)  # cuda without a GPU: refused before any process starts
+    if nproc < 1:
+        raise CLIError(f"--nproc must be >= 1, got {nproc}")
+    if device.type == "cuda":
+        if ":" in spec:
+            raise CLIError(f"--device {spec} with --nproc {nproc}: every process needs its own "
+                           "GPU; use --device cuda (process i takes GPU i)")
+        if nproc > torch.cuda.device_count():
+            raise CLIError(f"--nproc {nproc} needs {nproc} GPUs, "
+                           f"{torch.cuda.device_count()} visible")
+
+
 def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     from model.config import ARCHS
     from model.overrides import Overrides, for_arch
@@ -153,19 +171,6 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
 
     if args.arch not in ARCHS:
         raise CLIError(f"unknown architecture {args.arch!r} (choose from {', '.join(ARCHS)})")
-    if args.nproc != 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        from model.device import resolve_device
-        from model.distributed import launch
-
-        resolve_device(args.device)  # refuse cuda without a GPU before starting processes
-        if args.data == [SYNTHETIC]:  # written once here, not by every process at once
-            from model.synthetic import synthetic_source
-
-            synthetic_source(args.synthetic_rows, seed=0)
-        rc = launch(args.nproc, _without_nproc(args.argv))
-        if rc:
-            raise SystemExit(rc)
-        return {}
     if args.preset not in LEVELS:
         raise CLIError(f"unknown preset {args.preset!r} (choose from {', '.join(LEVELS)})")
     bayes_auc = None
@@ -203,9 +208,22 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
                             progress=False if args.no_progress else None,
                             device=args.device, amp=args.amp)
     out = Path(args.out or f"runs/{args.arch}-{args.preset}")
+    if args.nproc != 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        # every input was checked above, once, before any process starts
+        from model.distributed import launch
+        from model.train import check_out
+
+        check_out(out, args.overwrite)
+        _check_parallel_device(args.device, args.nproc)
+        rc = launch(args.nproc, _without_nproc(args.argv))
+        if rc:
+            raise SystemExit(rc)
+        return {}
     metrics = train_run(source, cfg, train_cfg, split, out, overwrite=args.overwrite,
                         valid_source=valid_source, test_source=test_source)
-    if bayes_auc is not None:
+    from model.distributed import from_env
+
+    if bayes_auc is not None and from_env().main:
         metrics["bayes_auc"] = bayes_auc
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         print(f"synthetic data: Bayes-optimal AUC {bayes_auc:.4f}, "

@@ -2,7 +2,8 @@
 
 ``mldcn train --nproc N`` re-runs the same command under ``torchrun --standalone
 --nproc-per-node N`` (:func:`launch`); any torchrun command line works the same way
-(``torchrun --nnodes 2 --nproc-per-node 8 ... -m model train ...``, docker/k8s/pytorchjob.yaml).
+(``torchrun --nnodes 2 --nproc-per-node 8 ... -m model train ...``,
+docker/k8s/training/pytorchjob.yaml).
 Each process reads ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` from the environment
 (:func:`from_env`) and joins the group: gloo on the CPU, NCCL on CUDA.
 
@@ -10,11 +11,19 @@ What each rank does (model/train.py): rank 0 prepares the data (split, encoders,
 the run's staging folder and the others receive where it is (so on several nodes the run
 folder's parent must be a shared filesystem, as the PyTorchJob manifest mounts); every rank
 walks the same shuffled order of global batches of ``--batch-size`` rows and trains on its own
-contiguous 1/N of each (:meth:`Dist.part`, read from the memory-mapped shard), so the job
-optimises exactly what one process would with the same batch size; gradients are averaged by
-``DistributedDataParallel``. Validation and test metrics are computed on all ranks'
-predictions gathered together (:meth:`Dist.gather`), not averaged per rank, so every rank
-takes the same early-stopping decision. Rank 0 writes the run folder.
+contiguous 1/N of each (``model.dataset.iter_batches``, read from the memory-mapped shard);
+gradients are averaged by ``DistributedDataParallel`` (a sparse embedding gradient by
+:meth:`Dist.average_sparse`), so the job takes the steps one process would take with the same
+batch size, up to: the mean of per-rank means where shares differ by a row, per-rank dropout
+masks, per-rank batch-norm statistics (batch norm is off in the presets), the sparse table's
+L2 counted per rank, and global batches of fewer than N rows skipped. Validation and test
+metrics are computed on all ranks' predictions gathered together (:meth:`Dist.gather`), not
+averaged per rank, so every rank takes the same early-stopping decision. Rank 0 writes the
+run folder.
+
+A collective waits at most ``MLDCN_DIST_TIMEOUT_S`` (default 4 hours: the other ranks wait in
+one while rank 0 prepares the data); a rank that dies ends the job sooner, since torchrun stops
+the others.
 """
 
 from __future__ import annotations
@@ -33,7 +42,7 @@ import torch.distributed as dist
 
 from model.errors import CLIError
 
-TIMEOUT = timedelta(minutes=30)  # a collective that waits longer means a rank died
+DEFAULT_TIMEOUT_S = 4 * 3600.0
 
 
 @dataclass(frozen=True)
@@ -49,10 +58,6 @@ class Dist:
         """True on rank 0, the rank that writes files and logs."""
         return self.rank == 0
 
-    def part(self, n: int) -> slice:
-        """This rank's contiguous share of ``n`` items (shares differ by at most one)."""
-        return slice(self.rank * n // self.world, (self.rank + 1) * n // self.world)
-
     def gather(self, *arrays: np.ndarray) -> tuple[np.ndarray, ...]:
         """Each array concatenated over the ranks, in rank order (the arrays themselves when
         single-process)."""
@@ -61,6 +66,11 @@ class Dist:
         out: list[Any] = [None] * self.world
         dist.all_gather_object(out, arrays)
         return tuple(np.concatenate([o[i] for o in out]) for i in range(len(arrays)))
+
+    def broadcast_tensor(self, t: torch.Tensor) -> None:
+        """Overwrite ``t`` with rank 0's values, in place."""
+        if self.world > 1:
+            dist.broadcast(t, src=0)
 
     def broadcast(self, obj: Any) -> Any:
         """Rank 0's ``obj`` on every rank."""
@@ -114,11 +124,12 @@ def init(d: Dist, device: torch.device) -> None:
     Collectives of objects (``gather``/``broadcast``) run on the CPU group either way."""
     if d.world == 1 or dist.is_initialized():
         return
+    timeout = timedelta(seconds=float(os.environ.get("MLDCN_DIST_TIMEOUT_S", DEFAULT_TIMEOUT_S)))
     if device.type == "cuda":
         torch.cuda.set_device(device)
-        dist.init_process_group("cuda:nccl,cpu:gloo", timeout=TIMEOUT, device_id=device)
+        dist.init_process_group("cuda:nccl,cpu:gloo", timeout=timeout, device_id=device)
     else:
-        dist.init_process_group("gloo", timeout=TIMEOUT)
+        dist.init_process_group("gloo", timeout=timeout)
 
 
 def shutdown(d: Dist) -> None:

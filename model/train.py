@@ -30,7 +30,9 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -66,7 +68,11 @@ CALIBRATIONS: tuple[str, ...] = ("none", "temperature")
 class TrainConfig:
     """Optimisation settings. Defaults follow the BARS benchmark recipe (../shared/MODELS.md): Adam,
     lr 1e-3, the lr ×0.1 on a validation plateau, early stopping with patience 2; ``epochs`` is
-    only a cap (see the module docstring)."""
+    only a cap (see the module docstring). ``device`` is "cpu" here (``mldcn train`` passes its
+    ``--device``, default "auto"), so library callers (tune, bench quality) stay on the CPU
+    unless asked; ``amp`` applies on CUDA only (:mod:`model.device`). ``embedding_optimizer``
+    "rowwise_adagrad" updates the table with :class:`model.optim.RowWiseAdagrad` at
+    ``embedding_lr`` (no ``weight_decay`` on the table) and Adam the rest."""
 
     epochs: int = 100
     batch_size: int = 1024
@@ -82,7 +88,7 @@ class TrainConfig:
     calibrate: str = "none"
     threads: int | None = None
     progress: bool | None = None
-    device: str = "auto"
+    device: str = "cpu"
     amp: str = "auto"
     embedding_optimizer: str = "adam"
     embedding_lr: float = 0.01
@@ -221,8 +227,11 @@ def train_step(
     (opts.scaler.scale(loss) if opts.scaler is not None else loss).backward()
     if sparse and dist is not None and dist.world > 1:
         table = _unwrap(model).embedding.table.weight
-        if table.grad is not None:
-            table.grad = dist.average_sparse(table.grad)
+        grad = table.grad if table.grad is not None else torch.sparse_coo_tensor(
+            torch.zeros((1, 0), dtype=torch.long, device=table.device),
+            torch.zeros((0, table.shape[1]), dtype=table.dtype, device=table.device),
+            table.shape)
+        table.grad = dist.average_sparse(grad)  # on every rank: it is a collective
     if opts.scaler is not None:
         for o in opts.all:
             opts.scaler.unscale_(o)
@@ -286,7 +295,9 @@ def fit(
 
         if opts.table is not None:  # its sparse gradient is averaged by train_step
             DDP._set_params_and_buffers_to_ignore_for_model(model, ["embedding.table.weight"])
+            d.broadcast_tensor(_unwrap(model).embedding.table.weight.data)  # DDP skips it
         net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+        torch.manual_seed(cfg.seed + d.rank)  # each rank its own dropout masks
     rng = np.random.default_rng(cfg.seed)
     scheds = [torch.optim.lr_scheduler.ReduceLROnPlateau(
         o, mode="max", factor=cfg.lr_factor, patience=cfg.lr_patience, min_lr=cfg.min_lr)
@@ -300,8 +311,9 @@ def fit(
         t0 = time.perf_counter()
         seen, loss_sum = 0, 0.0
         bar = tqdm(total=steps, desc=f"epoch {epoch}", unit="batch", leave=False,
-                   disable=((not cfg.progress) if cfg.progress is not None else None)
-                   or not d.main, file=sys.stderr)
+                   disable=True if not d.main else (
+                       (not cfg.progress) if cfg.progress is not None else None),
+                   file=sys.stderr)
         # batch statistics of one row do not exist: such batches are skipped with batch norm
         for cat, dense, y in iter_batches(data.shards["train"], cfg.batch_size, True, rng,
                                           share=(d.rank, d.world),
@@ -355,6 +367,12 @@ def fit(
     return history
 
 
+def check_out(out: Path, overwrite: bool) -> None:
+    """FileExistsError if the run folder ``out`` holds files and ``overwrite`` is off."""
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"run folder {out} exists and is not empty (use --overwrite)")
+
+
 def _keep(model: nn.Module, kept: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
     """A copy of the model's state (the best epoch's), written over ``kept`` in place: one copy
     of a large table is held, never two."""
@@ -385,8 +403,7 @@ def train_run(
     (:func:`model.dataset.prepare_sources`). Under torchrun (:mod:`model.distributed`) every
     rank calls this: rank 0 prepares the data and writes the folder, all ranks train."""
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"run folder {out} exists and is not empty (use --overwrite)")
+    check_out(out, overwrite)
     d = from_env()
     device = resolve_device(train_cfg.device, d.local_rank)
     if train_cfg.threads:
@@ -396,6 +413,11 @@ def train_run(
     init_group(d, device)
     if not d.main:
         log = _quiet
+    previous_sigterm = None
+    if d.world > 1 and threading.current_thread() is threading.main_thread():
+        # torchrun stops the other ranks with SIGTERM when one fails: exit through the
+        # except clause below, so rank 0 removes its staging folder
+        previous_sigterm = signal.signal(signal.SIGTERM, _exit_on_sigterm)
 
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     data: PreparedData | None = None
@@ -493,9 +515,15 @@ def train_run(
             shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:
+        if previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, previous_sigterm)
         shutdown_group(d)
     log(f"wrote {out}")
     return metrics
+
+
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _quiet(msg: str) -> None:
