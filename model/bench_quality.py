@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from model.config import ARCHS
-from model.flops import resolved_token_dim
+from model.costs import resolved_token_dim
 from model.overrides import Overrides, for_arch
 from model.presets import LEVELS, preset, preset_table
 

@@ -3,7 +3,8 @@
 x0 = concat(flattened embeddings of the F_cat categorical fields, the F_num dense features), so
 d = F_cat·e + F_num. The interaction module (DCNv2, ML-DCN, MaskNet, WuKong, RankMixer, or none
 for the plain MLP) is built from a ``ModelConfig`` by ``build_interaction`` and passed in, so
-architectures swap without touching the model. ``build_model`` assembles everything from a config.
+architectures swap without touching the model. ``build_model`` assembles everything from a config,
+asking the architecture registry (``model.archs``) for the interaction module.
 
 Inputs are what ``model.encoders`` produces: ``cat_ids`` int64 (B, F_cat) with column j in
 [0, cardinalities[j]) (0 is the OOV/missing id) and ``dense`` float32 (B, F_num), already
@@ -17,18 +18,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from model.config import ModelConfig, check_layout, check_token_layout
-from model.modules import (
-    MLP,
-    CrossNet,
-    LowRankCrossNet,
-    LowRankMixtureCrossNet,
-    MaskedLowRankCrossNet,
-    ParallelMaskNet,
-    RankMixer,
-    SerialMaskNet,
-    WuKong,
-)
+from model.archs import architecture
+from model.config import ModelConfig, check_layout
+from model.modules import MLP
 from model.modules.mlp import init_linear
 
 EMBEDDING_INIT_STD = 1e-4
@@ -103,48 +95,13 @@ def build_interaction(
     num_fields: int | None = None,
     num_dense: int | None = None,
 ) -> nn.Module | None:
-    """The interaction module of ``cfg`` for an x0 of width ``in_features`` (None for "mlp").
+    """The interaction module of ``cfg`` for an x0 of width ``in_features`` (None for "mlp"),
+    as its entry in the architecture registry (``model.archs``) builds it.
 
     WuKong and RankMixer read x0 as per-field tokens, so they also need the layout: F_cat
     (``num_fields``) and F_num (``num_dense``), with in_features = F_cat·e + F_num.
     """
-    d, num_layers = in_features, cfg.num_layers
-    if cfg.arch in ("wukong", "rankmixer"):
-        check_token_layout(cfg, d, num_fields, num_dense)
-        assert num_fields is not None and num_dense is not None
-        if cfg.arch == "wukong":
-            return WuKong(num_fields, cfg.embed_dim, num_dense, num_layers, cfg.fm_rank,
-                          cfg.fmb_hidden)
-        return RankMixer(num_fields, cfg.embed_dim, num_dense, num_layers, cfg.token_dim,
-                         cfg.ffn_hidden)
-    if cfg.arch == "dcnv2":
-        if cfg.dcn_type == "full":
-            return CrossNet(d, num_layers)
-        if cfg.dcn_type == "lowrank":
-            return LowRankCrossNet(
-                d, num_layers, cfg.rank, cfg.low_rank_c, cfg.low_rank_nonlinearity
-            )
-        return LowRankMixtureCrossNet(
-            d, num_layers, cfg.rank, cfg.num_experts, cfg.low_rank_nonlinearity
-        )
-    if cfg.arch == "mldcn":
-        return MaskedLowRankCrossNet(
-            d,
-            num_layers,
-            cfg.rank,
-            mask_hidden=cfg.resolved_mask_hidden,
-            mask_position=cfg.mask_position,
-            mask_source=cfg.mask_source,
-            mask_activation=cfg.mask_activation,
-            residual_layernorm=cfg.residual_layernorm,
-            num_experts=cfg.num_experts,
-        )
-    if cfg.arch == "masknet":
-        net = SerialMaskNet if cfg.masknet_mode == "serial" else ParallelMaskNet
-        return net(d, num_layers, cfg.block_dim, cfg.reduction_ratio)
-    if cfg.arch == "mlp":
-        return None
-    raise ValueError(f"arch {cfg.arch!r} has no interaction module")
+    return architecture(cfg.arch).build(cfg, in_features, num_fields, num_dense)
 
 
 class CTRModel(nn.Module):
@@ -165,6 +122,7 @@ class CTRModel(nn.Module):
         embed_init_std (float): standard deviation of the embedding table's initialisation.
 
     Example:
+        >>> from model.modules import CrossNet
         >>> _ = torch.manual_seed(0)
         >>> model = CTRModel([10, 20], num_dense=3, embed_dim=4,
         ...                  interaction=CrossNet(2 * 4 + 3, num_layers=2), mlp_dims=[8])
@@ -312,7 +270,7 @@ def build_model(
     if cfg.arch == "lr":
         return LogisticRegression(cards, num_dense)
     d = len(cards) * cfg.embed_dim + num_dense
-    structure = "stacked" if cfg.arch == "mlp" else cfg.structure
+    structure = architecture(cfg.arch).structure or cfg.structure
     return CTRModel(
         cards,
         num_dense,

@@ -13,14 +13,15 @@ medium   16     3   parallel    (256, 128)       0.1
 large    16     4   parallel    (512, 256, 128)  0.1
 =======  =====  ==  ==========  ===============  =======
 
-What each architecture solves (L and the deep tower are the level's):
+What each architecture solves (L and the deep tower are the level's; the solvers are the
+architectures' entries in ``model.archs``):
 
 - dcnv2: full rank, the reference (nothing to solve). With ``dcn_type="lowrank"`` or ``"mix"``
   passed as an override, its ``rank`` is solved instead.
-- mldcn: ``rank`` r, with ``mask_hidden`` h = round(ρ·r), ρ = ``MLDCN_MASK_RATIO`` = 0.5; default
-  mask options (rank space, from LN(x0), linear). Because ML-DCN(r, h) costs about low-rank
-  DCNv2 of rank r + h/2, r comes out near 0.37·d. If no integer r is within tolerance (tiny d),
-  h moves off ρ·r.
+- mldcn: ``rank`` r, with ``mask_hidden`` h = round(ρ·r), ρ = 0.5
+  (``model.archs.MLDCN_MASK_RATIO``); default mask options (rank space, from LN(x0), linear).
+  Because ML-DCN(r, h) costs about low-rank DCNv2 of rank r + h/2, r comes out near 0.37·d.
+  If no integer r is within tolerance (tiny d), h moves off ρ·r.
 - masknet: serial, ``reduction_ratio`` 0.2 (MODELS.md's example), L blocks; ``block_dim`` solved.
 - mlp: embeddings → MLP → head (structure "stacked"); the level's ``mlp_dims`` are scaled by one
   factor (first width solved, the others keep their ratio to it).
@@ -53,16 +54,15 @@ for; overriding the solved key itself (``rank``, ``mask_hidden``, ``block_dim``,
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
+from model.archs import Matcher, architecture
 from model.config import ARCHS, ModelConfig, check_layout
-from model.flops import model_flops, resolved_token_dim
+from model.flops import model_flops
 
 LEVELS: tuple[str, ...] = ("small", "medium", "large")
 MATCH_TOLERANCE = 0.02
-MLDCN_MASK_RATIO = 0.5
 SHARED_KEYS: tuple[str, ...] = ("embed_dim", "num_layers", "structure", "mlp_dims")
 
 # The recipe's regulariser, chosen on validation AUC (docs/quality/recipe/): 1e-3 and 3e-3 tie
@@ -95,28 +95,6 @@ _LEVEL_SETTINGS: dict[str, dict[str, Any]] = {
         "embedding_l2": EMBEDDING_L2,
     },
 }
-_ARCH_SETTINGS: dict[str, dict[str, Any]] = {
-    "dcnv2": {"dcn_type": "full"},
-    "mldcn": {},
-    "masknet": {"masknet_mode": "serial", "reduction_ratio": 0.2},
-    "mlp": {"structure": "stacked"},
-    "wukong": {"fm_rank": 8},
-    "rankmixer": {},
-}
-_SOLVED: dict[str, str] = {
-    "dcnv2": "rank",
-    "mldcn": "rank",
-    "masknet": "block_dim",
-    "mlp": "mlp_dims",
-    "wukong": "fmb_hidden",
-    "rankmixer": "ffn_hidden",
-}
-
-
-def _half_up(x: float) -> int:
-    return int(x + 0.5)
-
-
 def _check_names(arch: str, level: str) -> None:
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; presets exist for {ARCHS}")
@@ -148,80 +126,6 @@ def flops_mismatch(
     return total / ref - 1.0
 
 
-def _nearest(
-    make: Callable[[int], ModelConfig], target: int, cards: list[int], num_dense: int
-) -> tuple[ModelConfig, float]:
-    """The config ``make(n)``, n >= 1, whose total FLOPs are nearest ``target``.
-
-    Assumes FLOPs are non-decreasing in n (true for every width solved here).
-    """
-
-    def total(n: int) -> int:
-        return model_flops(make(n), cards, num_dense).total
-
-    hi = 1
-    while total(hi) < target and hi < 1 << 24:
-        hi *= 2
-    lo = max(1, hi // 2)
-    while lo < hi:  # smallest n in [lo, hi] with total(n) >= target
-        mid = (lo + hi) // 2
-        if total(mid) >= target:
-            hi = mid
-        else:
-            lo = mid + 1
-    best = min({max(1, lo - 1), lo}, key=lambda n: abs(total(n) - target))
-    return make(best), total(best) / target - 1.0
-
-
-def _solve_mldcn(
-    base: ModelConfig, target: int, cards: list[int], num_dense: int, fix_hidden: bool
-) -> tuple[ModelConfig, float]:
-    if fix_hidden:
-        return _nearest(lambda r: dataclasses.replace(base, rank=r), target, cards, num_dense)
-
-    def make(r: int, h: int | None = None) -> ModelConfig:
-        hidden = max(1, _half_up(MLDCN_MASK_RATIO * r)) if h is None else h
-        return dataclasses.replace(base, rank=r, mask_hidden=hidden)
-
-    cfg, mismatch = _nearest(make, target, cards, num_dense)
-    if abs(mismatch) <= MATCH_TOLERANCE / 2:
-        return cfg, mismatch
-    # Tiny d: integer r is too coarse; let h move off ρ·r around the best r.
-    best = (abs(mismatch), 0.0, cfg, mismatch)
-    for r in range(max(1, cfg.rank - 2), cfg.rank + 3):
-        for h in range(1, 2 * r + 2):
-            candidate = make(r, h)
-            m = model_flops(candidate, cards, num_dense).total / target - 1.0
-            key = (abs(m), abs(h - MLDCN_MASK_RATIO * r))
-            if key < best[:2]:
-                best = (*key, candidate, m)
-    return best[2], best[3]
-
-
-def _solve_rankmixer(
-    base: ModelConfig, target: int, cards: list[int], num_dense: int, fix_token_dim: bool
-) -> tuple[ModelConfig, float]:
-    def solve(b: ModelConfig) -> tuple[ModelConfig, float]:
-        return _nearest(lambda h: dataclasses.replace(b, ffn_hidden=h), target, cards, num_dense)
-
-    best = solve(base)
-    if fix_token_dim or abs(best[1]) <= MATCH_TOLERANCE / 2:
-        return best
-    tokens = len(cards) + (1 if num_dense else 0)
-    default = resolved_token_dim(base, len(cards), num_dense)
-    for dim in range(default + tokens, 4 * default + 1, tokens):
-        candidate = solve(dataclasses.replace(base, token_dim=dim))
-        if abs(candidate[1]) < abs(best[1]):
-            best = candidate
-    return best
-
-
-def _scaled_dims(dims: tuple[int, ...], first: int) -> tuple[int, ...]:
-    if not dims:
-        return (first,)
-    return tuple(max(1, _half_up(first * w / dims[0])) for w in dims)
-
-
 def preset(
     arch: str, level: str, cardinalities: Sequence[int], num_dense: int, **overrides: Any
 ) -> ModelConfig:
@@ -246,44 +150,19 @@ def preset(
     cards = check_layout(cardinalities, num_dense)
     reference = reference_config(level, **overrides)
     target = model_flops(reference, cards, num_dense).total
-    settings = {**_LEVEL_SETTINGS[level], **_ARCH_SETTINGS[arch], **overrides, "arch": arch}
+    entry = architecture(arch)
+    settings = {**_LEVEL_SETTINGS[level], **entry.preset_settings, **overrides, "arch": arch}
     base = ModelConfig.from_dict(settings)
+    def flops(c: ModelConfig) -> int:
+        return model_flops(c, cards, num_dense).total
 
-    if arch == "dcnv2":
-        if base.dcn_type == "full" or "rank" in overrides:
-            return base
-        solved = _nearest(lambda r: dataclasses.replace(base, rank=r), target, cards, num_dense)
-    elif arch == "mldcn":
-        if "rank" in overrides:
-            return base
-        solved = _solve_mldcn(base, target, cards, num_dense, "mask_hidden" in overrides)
-    elif arch == "masknet":
-        if "block_dim" in overrides:
-            return base
-        solved = _nearest(
-            lambda k: dataclasses.replace(base, block_dim=k), target, cards, num_dense
-        )
-    elif arch == "wukong":
-        if "fmb_hidden" in overrides:
-            return base
-        solved = _nearest(
-            lambda h: dataclasses.replace(base, fmb_hidden=h), target, cards, num_dense
-        )
-    elif arch == "rankmixer":
-        if "ffn_hidden" in overrides:
-            return base
-        solved = _solve_rankmixer(base, target, cards, num_dense, "token_dim" in overrides)
-    else:  # mlp
-        dims = base.mlp_dims
-        solved = _nearest(
-            lambda w: dataclasses.replace(base, mlp_dims=_scaled_dims(dims, w)),
-            target,
-            cards,
-            num_dense,
-        )
+    solved = entry.solve(base, Matcher(flops, target, MATCH_TOLERANCE, overrides, len(cards),
+                                       num_dense))
+    if solved is None:  # the user fixed the width this architecture solves
+        return base
     cfg, mismatch = solved
     if abs(mismatch) > MATCH_TOLERANCE:
-        width = _SOLVED[arch]
+        width = entry.solved
         raise ValueError(
             f"cannot match {arch} to the {level} reference ({target:,} FLOPs/example) within "
             f"{MATCH_TOLERANCE:.0%} for this layout: the nearest, {width}="
@@ -294,20 +173,7 @@ def preset(
 
 def key_hyperparameters(cfg: ModelConfig) -> dict[str, Any]:
     """The settings that tell the architectures of one level apart."""
-    if cfg.arch == "dcnv2":
-        keys = ["dcn_type"] + (["rank"] if cfg.dcn_type != "full" else [])
-        keys += ["num_experts"] if cfg.dcn_type == "mix" else []
-    elif cfg.arch == "mldcn":
-        keys = ["rank", "mask_hidden", "mask_position", "mask_source", "num_experts"]
-    elif cfg.arch == "masknet":
-        keys = ["masknet_mode", "block_dim", "reduction_ratio"]
-    elif cfg.arch == "wukong":
-        keys = ["fm_rank", "fmb_hidden"]
-    elif cfg.arch == "rankmixer":
-        keys = ["token_dim", "ffn_hidden"]
-    else:
-        keys = ["mlp_dims"]
-    return {k: getattr(cfg, k) for k in keys}
+    return {k: getattr(cfg, k) for k in architecture(cfg.arch).key_hyperparameters(cfg)}
 
 
 def preset_table(

@@ -8,15 +8,15 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from model.config import ARCHS, STRUCTURES, ModelConfig
-from model.ctr import build_model
-from model.flops import (
+from model.costs import (
     crossnet_cost,
     lowrank_crossnet_cost,
     masked_lowrank_crossnet_cost,
     mixture_crossnet_cost,
-    model_flops,
     serial_masknet_cost,
 )
+from model.ctr import build_model
+from model.flops import model_flops
 
 CARDS, NUM_DENSE, BATCH = [5, 7, 3, 9], 3, 3
 
