@@ -2,7 +2,8 @@
 
 Registered by ``model.cli.build_parser``.
 
-Importing this module is cheap (argparse only). ``mldcn serve`` turns its flags into the
+Importing this module is cheap (argparse only): the flags, one per Settings field, are generated
+when ``mldcn serve`` runs (:func:`serve_parser`). ``mldcn serve`` turns its flags into the
 ``MLDCN_*`` environment variables of :class:`service.settings.Settings` (flags win over the
 environment), validates them, checks the repository, and runs uvicorn; with ``--workers N > 1``
 its supervisor (:mod:`service.workers`) points ``PROMETHEUS_MULTIPROC_DIR`` at a fresh folder
@@ -16,78 +17,66 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import typing
 from typing import Any
 
-# flag -> (settings field, type, help); every flag defaults to "not given"
-SERVE_FLAGS: dict[str, tuple[str, type, str]] = {
-    "--repo": ("repo", str, "model repository folder (MLDCN_REPO)"),
-    "--host": ("host", str, "address to listen on (default 127.0.0.1)"),
-    "--port": ("port", int, "port (default 8000)"),
-    "--workers": ("workers", int, "worker processes on one socket (default 1)"),
-    "--models": ("models", str, "comma-separated model names to load (default: all)"),
-    "--default-model": ("default_model", str, "model for requests that name none"),
-    "--fallback-model": ("fallback_model", str, "cheaper model for --timeout-action degrade"),
-    "--timeout-action": ("timeout_action", str, "reject (503) or degrade (fallback model)"),
-    "--default-timeout-ms": ("default_timeout_ms", float, "the SLO budget per request (50)"),
-    "--max-batch-size": ("max_batch_size", int, "rows per ONNX Runtime batch (2048)"),
-    "--max-queue-delay-ms": ("max_queue_delay_ms", float, "wait for more rows (0)"),
-    "--max-queue-size": ("max_queue_size", int, "requests waiting per model (256)"),
-    "--instance-count": ("instance_count", int, "concurrent batches per model (1)"),
-    "--max-candidates": ("max_candidates", int, "candidates per request (4096)"),
-    "--execution-provider": ("execution_provider", str, "auto, cuda or cpu (auto)"),
-    "--intra-op-threads": ("intra_op_threads", int, "ONNX Runtime threads (0: cores/workers)"),
-    "--inference-nice": ("inference_nice", int,
-                         "nice increment of the ONNX Runtime threads (5; 0: same as the loop)"),
-    "--on-provider-fallback": ("on_provider_fallback", str,
-                               "cuda asked for, session on CPU: fail or warn (fail)"),
-    "--device-id": ("device_id", int, "CUDA device (0)"),
-    "--device-ids": ("device_ids", str, "CUDA devices the workers are spread over, e.g. 0,1"),
-    "--cuda-arena-extend-strategy": ("cuda_arena_extend_strategy", str,
-                                     "kSameAsRequested or kNextPowerOfTwo (kSameAsRequested)"),
-    "--cuda-gpu-mem-limit-bytes": ("cuda_gpu_mem_limit_bytes", int,
-                                   "CUDA arena limit per session (0: none)"),
-    "--batch-buckets": ("batch_buckets", str,
-                        "batch sizes batches are padded to (64,128,...,4096)"),
-    "--pad-to-buckets": ("pad_to_buckets", str, "auto (CUDA only), on or off (auto)"),
-    "--log-level": ("log_level", str, "uvicorn log level (info)"),
-    "--ab": ("ab", str, "A/B split of requests naming no model, e.g. mldcn:0.5,dcnv2:0.5"),
-    "--ab-user-field": ("ab_user_field", str, "user feature hashed when no user_id (user_id)"),
-    "--shadow-model": ("shadow_model", str, "model scoring a copy of the traffic"),
-    "--shadow-fraction": ("shadow_fraction", float, "fraction of requests copied (1.0)"),
-    "--poll-interval-s": ("poll_interval_s", float,
-                          "load newer repository versions every N s (0: off)"),
-    "--drain-grace-s": ("drain_grace_s", float, "SIGTERM: wait for in-flight work (20)"),
-    "--admin-token-file": ("admin_token_file", str,
-                           "file with the admin bearer token (or MLDCN_ADMIN_TOKEN)"),
-}
+# Settings fields that are no flags: set by the supervisor of --workers, or a secret (a token on
+# the command line shows in `ps`; use --admin-token-file or MLDCN_ADMIN_TOKEN)
+NOT_FLAGS: tuple[str, ...] = ("control_dir", "worker_index", "admin_token")
 
 
 def add_serve_commands(sub: Any) -> None:
-    """Add ``serve`` to ``mldcn``'s sub-parsers."""
+    """Add ``serve`` to ``mldcn``'s sub-parsers. Its flags are generated from
+    :class:`service.settings.Settings` when ``mldcn serve`` runs (:func:`serve_parser`), so
+    other commands do not import pydantic; here the sub-parser only collects them."""
     p = sub.add_parser("serve", help="run the scoring service (FastAPI + ONNX Runtime)",
-                       description="Run the scoring service. Every flag can also be given as "
-                                   "an MLDCN_<NAME> environment variable.")
-    for flag, (_, kind, help_text) in SERVE_FLAGS.items():
-        p.add_argument(flag, type=kind, default=None, help=help_text)
-    p.add_argument("--no-dynamic-batching", action="store_true",
-                   help="one request per batch (MLDCN_DYNAMIC_BATCHING=false)")
-    p.add_argument("--cuda-graphs", action="store_true",
-                   help="one CUDA graph per batch bucket (MLDCN_CUDA_GRAPHS=true)")
-    p.add_argument("--access-log", action="store_true", help="log every request")
+                       add_help=False, prefix_chars="+")  # every argument goes to serve_parser
+    p.add_argument("flags", nargs=argparse.REMAINDER, help="see mldcn serve --help")
     p.set_defaults(func=cmd_serve)
+
+
+def serve_parser() -> argparse.ArgumentParser:
+    """``mldcn serve``'s parser: one flag per :class:`~service.settings.Settings` field
+    (``--max-batch-size`` for ``max_batch_size``; ``--x/--no-x`` for a boolean) with the
+    field's description and default, plus ``--access-log``. A flag's value is handed to
+    Settings as the ``MLDCN_*`` variable would be, so the validation (and its messages) is
+    Settings' own."""
+    from service.settings import Settings
+
+    p = argparse.ArgumentParser(
+        prog="mldcn serve", description="Run the scoring service. Every flag can also be given "
+        "as an MLDCN_<NAME> environment variable (flags win).")
+    for name, info in Settings.model_fields.items():
+        if name in NOT_FLAGS:
+            continue
+        flag = "--" + name.replace("_", "-")
+        default = info.default if info.default is not None else "none"
+        if isinstance(default, list):
+            default = ",".join(map(str, default)) or "none"
+        text = f"{info.description or name} (default {default})" if name != "repo" else (
+            f"{info.description} (required; MLDCN_REPO)")
+        text = text.replace("%", "%%")
+        if info.annotation is bool:
+            p.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None,
+                           help=text)
+        elif typing.get_origin(info.annotation) is typing.Literal:
+            p.add_argument(flag, dest=name, default=None, help=text,
+                           choices=[str(c) for c in typing.get_args(info.annotation)])
+        else:
+            p.add_argument(flag, dest=name, default=None, metavar=name.upper(), help=text)
+    p.add_argument("--access-log", action="store_true", help="log every request")
+    return p
 
 
 def serve_env(args: argparse.Namespace) -> dict[str, str]:
     """The MLDCN_* variables the given flags stand for."""
     env = {}
-    for flag, (name, _, _) in SERVE_FLAGS.items():
-        value = getattr(args, flag.lstrip("-").replace("-", "_"))
-        if value is not None:
-            env[f"MLDCN_{name.upper()}"] = str(value)
-    if args.no_dynamic_batching:
-        env["MLDCN_DYNAMIC_BATCHING"] = "false"
-    if getattr(args, "cuda_graphs", False):
-        env["MLDCN_CUDA_GRAPHS"] = "true"
+    for name, value in vars(args).items():
+        if name == "access_log" or value is None:
+            continue
+        if isinstance(value, bool):
+            value = "true" if value else "false"
+        env[f"MLDCN_{name.upper()}"] = str(value)
     return env
 
 
@@ -96,7 +85,12 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     from model.errors import CLIError
 
-    os.environ.update(serve_env(args))
+    try:
+        flags = serve_parser().parse_args(args.flags)
+    except ImportError as e:
+        raise CLIError(f"mldcn serve needs the serve extra (pip install '.[serve]'): {e}"
+                       ) from None
+    os.environ.update(serve_env(flags))
     from service.settings import get_settings
 
     get_settings.cache_clear()
@@ -134,6 +128,6 @@ def cmd_serve(args: argparse.Namespace) -> None:
           f"http://{settings.host}:{settings.port} ({settings.workers} worker(s), budget "
           f"{settings.default_timeout_ms:g} ms, timeout_action {settings.timeout_action})",
           file=sys.stderr, flush=True)
-    code = run(settings, access_log=args.access_log)
+    code = run(settings, access_log=flags.access_log)
     if code:
         raise SystemExit(code)

@@ -227,3 +227,30 @@ def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
         Settings(repo="/models", timeout_action="degrade")
     with pytest.raises(ValueError):
         Settings(repo="/models", max_batch_size=0)
+
+
+def test_serve_flags_are_generated_from_settings(monkeypatch) -> None:
+    """One `mldcn serve` flag per Settings field (but the internal and secret ones), and a
+    flag sets what its MLDCN_* variable sets."""
+    from service.cli import NOT_FLAGS, serve_env, serve_parser
+    from service.settings import Settings
+
+    parser = serve_parser()
+    dests = {a.dest for a in parser._actions} - {"help", "access_log"}
+    assert dests == set(Settings.model_fields) - set(NOT_FLAGS)
+    flags = parser.parse_args(["--repo", "/models", "--max-batch-size", "64",
+                               "--no-dynamic-batching", "--cuda-graphs", "--models", "a,b",
+                               "--timeout-action", "degrade", "--fallback-model", "b",
+                               "--batch-buckets", "8,16"])
+    env = serve_env(flags)
+    for key in [k for k in os.environ if k.startswith("MLDCN_")]:
+        monkeypatch.delenv(key)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    s = Settings()
+    assert (s.max_batch_size, s.dynamic_batching, s.cuda_graphs, s.models, s.timeout_action,
+            s.batch_buckets) == (64, False, True, ["a", "b"], "degrade", [8, 16])
+    assert env.keys() == {"MLDCN_REPO", "MLDCN_MAX_BATCH_SIZE", "MLDCN_DYNAMIC_BATCHING",
+                          "MLDCN_CUDA_GRAPHS", "MLDCN_MODELS", "MLDCN_TIMEOUT_ACTION",
+                          "MLDCN_FALLBACK_MODEL",
+                          "MLDCN_BATCH_BUCKETS"}
