@@ -514,10 +514,9 @@ def write_doc(path: Path, generated: str) -> None:
 
 
 def _ints(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise ValueError(f"expected comma-separated integers, got {text!r}") from None
+    from model.cliargs import comma_list
+
+    values = comma_list(text, int, "integers")
     if not values or min(values) < 1:
         raise ValueError(f"expected comma-separated integers >= 1, got {text!r}")
     return values
@@ -525,7 +524,9 @@ def _ints(text: str) -> list[int]:
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
     """Entry point of ``mldcn bench fusion``."""
-    configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    from model.cliargs import comma_list
+
+    configs = comma_list(args.configs)
     unknown = [c for c in configs if c not in CONFIGS]
     if unknown or not configs:
         raise ValueError(f"unknown configs {unknown}; choose from {', '.join(CONFIGS)}")

@@ -171,14 +171,16 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             "on a machine with an NVIDIA GPU); nothing was measured. --allow-cpu runs the "
             "same script on the CPU provider")
     provider = "cuda" if on_cuda else "cpu"
-    sizes = sorted({int(s) for s in args.sizes.split(",")})
+    from model.cliargs import comma_list
+
+    sizes = sorted(set(comma_list(args.sizes, int, "sizes")))
     max_rows = max(sizes)
     graph_modes = [False, True] if on_cuda and not args.no_graphs else [False]
     tmp = None
     try:
         if args.repo:
             repo = Path(args.repo)
-            names = [n.strip() for n in args.models.split(",")] if args.models \
+            names = comma_list(args.models) if args.models \
                 else ModelRepository(repo).names()
         else:
             tmp = Path(tempfile.mkdtemp(prefix="mldcn-bench-gpu-"))

@@ -434,12 +434,14 @@ def format_table(result: dict[str, Any]) -> str:
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
     """``mldcn bench serve`` (the options: service/cli.py)."""
-    models = dict(part.split("=", 1) for part in args.models.split(","))
-    servers = [s for s in args.servers.split(",") if s]
+    from model.cliargs import comma_list
+
+    models = dict(part.split("=", 1) for part in comma_list(args.models))
+    servers = comma_list(args.servers)
     unknown = [s for s in servers if s not in SERVERS]
     if unknown:
         raise LoadTestError(f"unknown servers {unknown} (servers: {', '.join(SERVERS)})")
-    args.rates = [float(x) for x in args.rates.split(",")] if isinstance(args.rates, str) \
+    args.rates = comma_list(args.rates, float, "rates") if isinstance(args.rates, str) \
         else args.rates
     result = run(Path(args.repo).resolve(), models, servers, args)
     return write_result(args.out, result, format_table(result))

@@ -27,12 +27,12 @@ DEFAULT_STEPS = "10,20,40,80,120,160"
 
 
 def _steps(text: str) -> list[float]:
+    from model.cliargs import comma_list
+
     try:
-        rates = [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated rates in requests/s, got {text!r}") from None
-    return rates
+        return comma_list(text, float, "rates in requests/s")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _load_args(p: argparse.ArgumentParser) -> None:
@@ -186,9 +186,10 @@ def cmd_compare(args: argparse.Namespace) -> None:
     from loadtest.compare import run_compare
     from loadtest.promscrape import ScrapeError
     from loadtest.runner import LoadTestError
+    from model.cliargs import comma_list
     from model.errors import CLIError
 
-    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    models = comma_list(args.models)
     opts = _options(args)
     out = Path(args.out)
     command = command_line(args, ["compare", "--repo", args.repo, "--models", ",".join(models),

@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from model.cliargs import comma_list
 from model.config import ARCHS
 from model.costs import resolved_token_dim
 from model.overrides import Overrides, for_arch
@@ -677,10 +678,6 @@ def train_description(train_kw: dict[str, Any], recipes: dict[str, Overrides]) -
     return text
 
 
-def _csv(text: str) -> list[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
-
-
 class _Head:
     """A DataSource limited to its first ``rows`` rows."""
 
@@ -763,7 +760,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                 "calibrate": args.calibrate}
     overrides = [Overrides.load(path) for path in args.config]
     report = run_study(
-        source, split, args.out, _csv(args.archs), _csv(args.levels), list(range(args.seeds)),
+        source, split, args.out, comma_list(args.archs), comma_list(args.levels),
+        list(range(args.seeds)),
         train_kw, command=command_line(args), test_source=test_source, title=args.title,
         threads=args.threads, valid_source=valid_source, overrides=overrides,
     )

@@ -199,8 +199,10 @@ def memory(rows: int, factor: int, arch: str, level: str, cache: Path) -> dict[s
 def main_throughput(args: Any) -> None:
     print(f"{'level':<7} {'arch':<8} {'MFLOPs':>8} {'pipeline/s':>12} {'bare/s':>12} "
           f"{'overhead':>10} {'pair range':>14}")
-    res = throughput(args.rows, args.repeats, args.batch_size, args.archs.split(","),
-                     args.levels.split(","))
+    from model.cliargs import comma_list
+
+    res = throughput(args.rows, args.repeats, args.batch_size, comma_list(args.archs),
+                     comma_list(args.levels))
     print(f"max pipeline overhead: {100 * res['max_overhead']:.1f}% (limit 30%)")
     _write(args.out, res)
 

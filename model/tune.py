@@ -297,7 +297,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     for key in ("lr", "batch_size"):
         if getattr(args, key) is not None:
             train_kw[key] = getattr(args, key)
-    archs = [a.strip() for a in args.archs.split(",") if a.strip()]
+    from model.cliargs import comma_list
+
+    archs = comma_list(args.archs)
     return run_tune(source, split, args.out, archs, args.level, args.trials, args.timeout_s,
                     args.seed, train_kw, valid_source=valid_source, threads=args.threads,
                     seeds_per_trial=args.seeds_per_trial)

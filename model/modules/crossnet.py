@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from model.modules.checks import check_sizes
 from model.modules.mlp import init_linear
 
 
@@ -22,12 +23,6 @@ def make_activation(name: str) -> nn.Module:
     if name == "identity":
         return nn.Identity()
     raise ValueError(f"nonlinearity must be one of ('relu', 'tanh', 'identity'), got {name!r}")
-
-
-def _check_sizes(**sizes: int) -> None:
-    for name, value in sizes.items():
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
 
 class CrossNet(nn.Module):
@@ -48,7 +43,7 @@ class CrossNet(nn.Module):
 
     def __init__(self, in_features: int, num_layers: int) -> None:
         super().__init__()
-        _check_sizes(in_features=in_features, num_layers=num_layers)
+        check_sizes(in_features=in_features, num_layers=num_layers)
         self.kernels = nn.ModuleList(nn.Linear(in_features, in_features) for _ in range(num_layers))
         for layer in self.kernels:
             init_linear(layer)
@@ -95,7 +90,7 @@ class LowRankCrossNet(nn.Module):
         nonlinearity: str = "relu",
     ) -> None:
         super().__init__()
-        _check_sizes(in_features=in_features, num_layers=num_layers, rank=rank)
+        check_sizes(in_features=in_features, num_layers=num_layers, rank=rank)
         self.down = nn.ModuleList(
             nn.Linear(in_features, rank, bias=False) for _ in range(num_layers)
         )  # V_lᵀ
@@ -159,7 +154,7 @@ class LowRankMixtureCrossNet(nn.Module):
         nonlinearity: str = "relu",
     ) -> None:
         super().__init__()
-        _check_sizes(
+        check_sizes(
             in_features=in_features, num_layers=num_layers, rank=rank, num_experts=num_experts
         )
         d, r, k = in_features, rank, num_experts

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from model.config import reduction_width
+from model.modules.checks import check_sizes
 from model.modules.mlp import init_linear
 
 
@@ -44,13 +45,8 @@ class MaskBlock(nn.Module):
         reduction_ratio: float = 0.2,
     ) -> None:
         super().__init__()
-        for name, value in (
-            ("mask_input_dim", mask_input_dim),
-            ("in_features", in_features),
-            ("out_features", out_features),
-        ):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        check_sizes(mask_input_dim=mask_input_dim, in_features=in_features,
+                    out_features=out_features)
         if not reduction_ratio > 0:
             raise ValueError(f"reduction_ratio must be > 0, got {reduction_ratio!r}")
         hidden = reduction_width(in_features, reduction_ratio)
@@ -103,8 +99,7 @@ class SerialMaskNet(nn.Module):
         reduction_ratio: float = 0.2,
     ) -> None:
         super().__init__()
-        if not isinstance(num_blocks, int) or num_blocks < 1:
-            raise ValueError(f"num_blocks must be an integer >= 1, got {num_blocks!r}")
+        check_sizes(num_blocks=num_blocks)
         self.emb_norm = nn.LayerNorm(in_features)
         widths = [in_features] + [block_dim] * num_blocks
         self.blocks = nn.ModuleList(
@@ -150,8 +145,7 @@ class ParallelMaskNet(nn.Module):
         reduction_ratio: float = 0.2,
     ) -> None:
         super().__init__()
-        if not isinstance(num_blocks, int) or num_blocks < 1:
-            raise ValueError(f"num_blocks must be an integer >= 1, got {num_blocks!r}")
+        check_sizes(num_blocks=num_blocks)
         self.emb_norm = nn.LayerNorm(in_features)
         self.blocks = nn.ModuleList(
             MaskBlock(in_features, in_features, block_dim, reduction_ratio)

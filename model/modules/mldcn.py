@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from model.config import MASK_ACTIVATIONS, MASK_POSITIONS, MASK_SOURCES
+from model.modules.checks import check_sizes
 from model.modules.mlp import init_linear
 
 
@@ -148,15 +149,8 @@ class MaskedLowRankCrossNet(nn.Module):
     ) -> None:
         super().__init__()
         h = (rank + 1) // 2 if mask_hidden is None else mask_hidden
-        for name, value in (
-            ("in_features", in_features),
-            ("num_layers", num_layers),
-            ("rank", rank),
-            ("mask_hidden", h),
-            ("num_experts", num_experts),
-        ):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        check_sizes(in_features=in_features, num_layers=num_layers, rank=rank, mask_hidden=h,
+                    num_experts=num_experts)
         for name, value, valid in (
             ("mask_position", mask_position, MASK_POSITIONS),
             ("mask_source", mask_source, MASK_SOURCES),

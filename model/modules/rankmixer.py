@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.modules.checks import check_sizes
+
 
 def default_token_dim(num_tokens: int, embed_dim: int) -> int:
     """D when not given: the smallest multiple of T that is >= e (token mixing needs T | D).
@@ -57,10 +59,7 @@ class RankMixerLayer(nn.Module):
 
     def __init__(self, num_tokens: int, token_dim: int, ffn_hidden: int) -> None:
         super().__init__()
-        for name, v in (("num_tokens", num_tokens), ("token_dim", token_dim),
-                        ("ffn_hidden", ffn_hidden)):
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+        check_sizes(num_tokens=num_tokens, token_dim=token_dim, ffn_hidden=ffn_hidden)
         if token_dim % num_tokens:
             raise ValueError(
                 f"token_dim must be a multiple of the number of tokens ({num_tokens}) for token "
@@ -121,8 +120,7 @@ class RankMixer(nn.Module):
                 f"need num_fields >= 0, num_dense >= 0 and at least one field, got "
                 f"num_fields={num_fields}, num_dense={num_dense}"
             )
-        if not isinstance(num_layers, int) or num_layers < 1:
-            raise ValueError(f"num_layers must be an integer >= 1, got {num_layers!r}")
+        check_sizes(num_layers=num_layers)
         t = num_fields + (1 if num_dense else 0)
         d = default_token_dim(t, embed_dim) if token_dim is None else token_dim
         self.tok_w = _per_token_weight(num_fields, embed_dim, d) if num_fields else None

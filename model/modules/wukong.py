@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from model.modules.checks import check_sizes
 from model.modules.mlp import init_linear
 
 
@@ -29,12 +30,6 @@ def wukong_token_counts(num_tokens: int) -> tuple[int, int]:
     """
     lcb = num_tokens // 2
     return num_tokens - lcb, lcb
-
-
-def _check_positive(**values: int) -> None:
-    for name, v in values.items():
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
 
 
 class WuKongLayer(nn.Module):
@@ -54,7 +49,7 @@ class WuKongLayer(nn.Module):
 
     def __init__(self, num_tokens: int, embed_dim: int, fm_rank: int, fmb_hidden: int) -> None:
         super().__init__()
-        _check_positive(num_tokens=num_tokens, embed_dim=embed_dim, fm_rank=fm_rank,
+        check_sizes(num_tokens=num_tokens, embed_dim=embed_dim, fm_rank=fm_rank,
                         fmb_hidden=fmb_hidden)
         n, e, k = num_tokens, embed_dim, fm_rank
         self.num_fm, self.num_lcb = wukong_token_counts(n)
@@ -115,7 +110,7 @@ class WuKong(nn.Module):
         fmb_hidden: int,
     ) -> None:
         super().__init__()
-        _check_positive(embed_dim=embed_dim, num_layers=num_layers)
+        check_sizes(embed_dim=embed_dim, num_layers=num_layers)
         if num_fields < 0 or num_dense < 0 or num_fields + num_dense == 0:
             raise ValueError(
                 f"need num_fields >= 0, num_dense >= 0 and at least one field, got "

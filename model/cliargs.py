@@ -1,0 +1,29 @@
+"""Flag values every command line parses the same way: comma-separated lists."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+def comma_list(text: str, kind: Callable[[str], T] = str,  # type: ignore[assignment]
+               what: str = "values") -> list[T]:
+    """The items of ``text`` ("a, b,,c"), stripped, empty ones dropped, each converted by
+    ``kind``; ValueError naming ``what`` and the text when an item does not convert.
+
+    Example:
+        >>> comma_list(" mldcn, dcnv2,")
+        ['mldcn', 'dcnv2']
+        >>> comma_list("64,512", int)
+        [64, 512]
+        >>> comma_list("1,x", float, "rates")
+        Traceback (most recent call last):
+        ...
+        ValueError: expected comma-separated rates, got '1,x'
+    """
+    try:
+        return [kind(item) for item in (t.strip() for t in text.split(",")) if item]
+    except ValueError:
+        raise ValueError(f"expected comma-separated {what}, got {text!r}") from None

@@ -1,0 +1,18 @@
+"""The argument check every layer shares: sizes are integers >= 1 (bools refused)."""
+
+from __future__ import annotations
+
+
+def check_sizes(**sizes: object) -> None:
+    """ValueError naming the first of ``sizes`` that is not an integer >= 1.
+
+    Example:
+        >>> check_sizes(rank=4, num_layers=2)
+        >>> check_sizes(rank=0)
+        Traceback (most recent call last):
+        ...
+        ValueError: rank must be an integer >= 1, got 0
+    """
+    for name, value in sizes.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
