@@ -13,11 +13,9 @@ import http.client
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cache
@@ -25,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
+
+from loadtest.runner import free_port, launch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 START_TIMEOUT_S = 60.0
@@ -56,12 +56,6 @@ def exported_models() -> Models:
         export_run(run, root / "models", name, log=lambda msg: None)
         runs[name] = run
     return Models(root / "models", runs)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -111,50 +105,21 @@ def metric(samples: dict[Any, float], name: str, **labels: str) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
-def stop_process(proc: subprocess.Popen[bytes], timeout_s: float = 10.0) -> None:
-    """SIGTERM, then SIGKILL if the process has not exited after ``timeout_s``."""
-    proc.terminate()
-    try:
-        proc.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=timeout_s)
-
-
 @contextlib.contextmanager
 def run_server(repo: Path, env: dict[str, str] | None = None,
                cpus: set[int] | None = None) -> Iterator[Server]:
-    """Start ``mldcn serve`` with the given MLDCN_* settings; wait until ready; always kill it.
+    """Start ``mldcn serve`` with the given MLDCN_* settings; wait until ready; always kill it
+    (the project's one server launcher, ``loadtest.runner.launch``).
 
     ``cpus`` pins the server process (and the threads it starts) to those cores.
     """
     port = free_port()
-    log_path = Path(tempfile.mkstemp(prefix="mldcn-serve-", suffix=".log")[1])
     full_env = {**os.environ, "MLDCN_INTRA_OP_THREADS": "1", **(env or {})}
     full_env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "model", "serve", "--repo", str(repo), "--port", str(port)],
-            stdout=log, stderr=subprocess.STDOUT, env=full_env, cwd=REPO_ROOT,
-            preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
-    server = Server("127.0.0.1", port, proc, log_path)
-    try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited with {proc.returncode}:\n{server.log()}")
-            try:
-                if server.request("GET", "/v2/health/ready", timeout_s=1.0)[0] == 200:
-                    break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"server not ready after {START_TIMEOUT_S}s:\n{server.log()}")
-            time.sleep(0.1)
-        yield server
-    finally:
-        stop_process(proc)
-        log_path.unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "model", "serve", "--repo", str(repo), "--port", str(port)]
+    with launch(cmd, "mldcn serve", sorted(cpus or ()), full_env, port=port,
+                start_timeout_s=START_TIMEOUT_S) as s:
+        yield Server("127.0.0.1", port, s.proc, s.log_path)
 
 
 def raw_rows(run: Path) -> dict[str, list[Any]]:

@@ -29,8 +29,9 @@ from service_support import (
     free_port,
     request_for,
     run_server,
-    stop_process,
 )
+
+from loadtest.runner import kill_group
 
 DOCKER = Path(__file__).resolve().parents[1] / "docker"
 RULES = sorted((DOCKER / "prometheus" / "rules").glob("*.yml"))
@@ -115,7 +116,7 @@ def prometheus_with_load() -> Iterator[Prometheus]:
         proc = subprocess.Popen(
             [PROMETHEUS, f"--config.file={tmp}/prometheus.yml",
              f"--storage.tsdb.path={tmp}/data", f"--web.listen-address=127.0.0.1:{port}"],
-            stdout=log, stderr=subprocess.STDOUT)
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         prom = Prometheus(port)
         try:
             _wait(lambda: prom.query('up{job="mldcn-scorer"} == 1'), "the first scrape",
@@ -123,7 +124,7 @@ def prometheus_with_load() -> Iterator[Prometheus]:
             _load(server, models)
             yield prom
         finally:
-            stop_process(proc)
+            kill_group(proc)
             log.close()
 
 
