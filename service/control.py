@@ -74,8 +74,14 @@ class ModelControl:
     # -- life cycle ---------------------------------------------------------------------------
     async def start(self) -> None:
         """Load the configured models, warm them up, put them into service; start polling."""
-        for m in (await asyncio.to_thread(load_models, self.settings)).values():
-            config = ServingConfig.for_model(self.settings, m.name)
+        configs: dict[str, ServingConfig] = {}
+
+        def options(name: str) -> dict[str, Any]:
+            configs[name] = ServingConfig.for_model(self.settings, name)  # read once per load
+            return configs[name].open_options()
+
+        for m in (await asyncio.to_thread(load_models, self.settings, options)).values():
+            config = configs[m.name]
             latency, encode_cost = await asyncio.to_thread(self._warmup, m, config)
             self._install(m, latency, encode_cost, config)
         loop = asyncio.get_running_loop()
@@ -249,7 +255,7 @@ class ModelControl:
         """The version opened and checked, with its serving config (a bad config.json
         refuses the load: ModelLoadError)."""
         config = ServingConfig.for_model(self.settings, mv.name)
-        m = open_version(mv, self.settings)
+        m = open_version(mv, self.settings, **config.open_options())
         validate_served(m, mv)
         return m, config
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -172,9 +172,13 @@ def in_niced_thread(nice: int, fn: Callable[..., T], *args: Any, **kwargs: Any) 
     return value
 
 
-def open_version(mv: ModelVersion, settings: Settings) -> ServedModel:
+def open_version(mv: ModelVersion, settings: Settings,
+                 batch_buckets: Sequence[int] | None = None, pad_to_buckets: str | None = None,
+                 max_batch_size: int | None = None) -> ServedModel:
     """Check a repository version (content hash, model.json) and open its session.
 
+    ``batch_buckets``, ``pad_to_buckets`` and ``max_batch_size``: the model's own padding
+    (its ``config.json``, ``ServingConfig.open_options``); default the server-wide settings.
     With ``execution_provider=cuda``, a session not on the CUDA provider is a ModelLoadError
     (``on_provider_fallback=fail``) or is served on CPU with ``provider_fallback`` set
     (``warn``, logged as an error).
@@ -204,12 +208,14 @@ def open_version(mv: ModelVersion, settings: Settings) -> ServedModel:
         log.error("PROVIDER FALLBACK: %s; serving on %s (mldcn_provider_fallback=1)",
                   fallback_message(mv.name, mv.version, provider), provider)
     on_cuda = provider == CUDA
-    pad = settings.pad_to_buckets == "on" or (settings.pad_to_buckets == "auto" and on_cuda)
+    pad_mode = pad_to_buckets or settings.pad_to_buckets
+    pad = pad_mode == "on" or (pad_mode == "auto" and on_cuda)
     m = ServedModel(name=mv.name, version=mv.version, meta=mv.meta, session=session,
                     encoder=encoder, provider=provider, load_s=0.0,
                     provider_fallback=fell_back)
     if pad:
-        buckets = active_buckets(settings.batch_buckets, settings.max_batch_size)
+        buckets = active_buckets(batch_buckets or settings.batch_buckets,
+                                 max_batch_size or settings.max_batch_size)
         bound = BoundRunner(session, buckets, encoder.num_cat, encoder.num_dense,
                             device="cuda" if on_cuda else "cpu", device_id=settings.cuda_device,
                             cuda_graphs=graphs and on_cuda)
@@ -259,8 +265,10 @@ def validate_served(m: ServedModel, mv: ModelVersion) -> None:
                              "expected 2 probabilities in [0, 1]")
 
 
-def load_models(settings: Settings) -> dict[str, ServedModel]:
-    """The latest version of each configured model (every model when none is configured)."""
+def load_models(settings: Settings,
+                options: Callable[[str], dict[str, Any]] | None = None) -> dict[str, ServedModel]:
+    """The latest version of each configured model (every model when none is configured);
+    ``options(name)``: that model's keyword arguments of :func:`open_version`."""
     repo = ModelRepository(settings.repo)
     try:
         names = settings.models or repo.names()
@@ -274,7 +282,7 @@ def load_models(settings: Settings) -> dict[str, ServedModel]:
             mv = repo.load_version(name)
         except ValueError as e:
             raise ModelLoadError(str(e)) from None
-        m = open_version(mv, settings)
+        m = open_version(mv, settings, **(options(name) if options else {}))
         validate_served(m, mv)
         log.info("loaded %s version %d (%s, %s, %.0f FLOPs/example) on %s in %.2fs; "
                  "buckets %s, CUDA graphs %s", m.name, m.version, m.arch, m.precision,

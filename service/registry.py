@@ -22,9 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from service.batcher import Batcher
+from service.buckets import parse_buckets
 from service.budget import LatencyModel
 from service.errors import ServiceError
 from service.models import ModelLoadError, ServedModel
@@ -48,6 +49,13 @@ class ServingOverrides(BaseModel):
     instance_count: int | None = Field(default=None, ge=1)
     dynamic_batching: bool | None = None
     timeout_action: Literal["reject", "degrade"] | None = None
+    batch_buckets: list[int] | None = None
+    pad_to_buckets: Literal["auto", "on", "off"] | None = None
+
+    @field_validator("batch_buckets")
+    @classmethod
+    def _buckets(cls, v: list[int] | None) -> list[int] | None:
+        return None if v is None else list(parse_buckets(v))  # sorted, unique, each >= 1
 
 
 @dataclass(frozen=True)
@@ -60,13 +68,21 @@ class ServingConfig:
     instance_count: int
     dynamic_batching: bool
     timeout_action: Literal["reject", "degrade"]
+    batch_buckets: tuple[int, ...]
+    pad_to_buckets: Literal["auto", "on", "off"]
 
     @classmethod
     def defaults(cls, settings: Settings) -> ServingConfig:
         """The server-wide settings, which every model uses unless it says otherwise."""
         return cls(settings.max_batch_size, settings.max_queue_delay_ms,
                    settings.max_queue_size, settings.instance_count, settings.dynamic_batching,
-                   settings.timeout_action)
+                   settings.timeout_action, tuple(settings.batch_buckets),
+                   settings.pad_to_buckets)
+
+    def open_options(self) -> dict[str, Any]:
+        """What :func:`service.models.open_version` needs of this config (the padding)."""
+        return {"batch_buckets": self.batch_buckets, "pad_to_buckets": self.pad_to_buckets,
+                "max_batch_size": self.max_batch_size}
 
     @classmethod
     def for_model(cls, settings: Settings, name: str) -> ServingConfig:
@@ -80,7 +96,8 @@ class ServingConfig:
             >>> s = Settings(repo=str(repo))
             >>> ServingConfig.for_model(s, "a").max_batch_size, ServingConfig.for_model(s, "b")
             (64, ServingConfig(max_batch_size=2048, max_queue_delay_ms=0.0, max_queue_size=256, \
-instance_count=1, dynamic_batching=True, timeout_action='reject'))
+instance_count=1, dynamic_batching=True, timeout_action='reject', batch_buckets=(64, 128, 256, \
+512, 1024, 2048, 4096), pad_to_buckets='auto'))
         """
         base = cls.defaults(settings)
         path = Path(settings.repo) / name / MODEL_CONFIG_FILE
@@ -96,7 +113,10 @@ instance_count=1, dynamic_batching=True, timeout_action='reject'))
             else:
                 why = str(e)
             raise ModelLoadError(f"{name}/{MODEL_CONFIG_FILE}: {why}") from None
-        return dataclasses.replace(base, **overrides.model_dump(exclude_none=True))
+        changes = overrides.model_dump(exclude_none=True)
+        if "batch_buckets" in changes:
+            changes["batch_buckets"] = tuple(changes["batch_buckets"])
+        return dataclasses.replace(base, **changes)
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ against a real server: two models with different ``max_batch_size`` on one serve
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -34,13 +35,22 @@ def test_two_models_batch_by_their_own_config(models: Models, tmp_path: Path) ->
     repo = tmp_path / "models"
     shutil.copytree(models.repo, repo)
     (repo / "mlp" / "config.json").write_text(json.dumps(
-        {"max_batch_size": 4, "max_queue_size": 7, "timeout_action": "reject"}))
+        {"max_batch_size": 4, "max_queue_size": 7, "timeout_action": "reject",
+         "pad_to_buckets": "on", "batch_buckets": [16, 2, 4]}))
     env = {"MLDCN_ADMIN_TOKEN": TOKEN, "MLDCN_DEFAULT_TIMEOUT_MS": "5000",
            "MLDCN_MAX_BATCH_SIZE": "512"}
     with run_server(repo, env) as server:
         assert _serving(server, "mlp")["max_batch_size"] == 4
         assert _serving(server, "mlp")["max_queue_size"] == 7
         assert _serving(server, "mldcn")["max_batch_size"] == 512  # the server-wide setting
+        # padding per model: mlp padded to its own buckets (those its 4-row batches reach),
+        # mldcn unpadded as the server-wide pad_to_buckets=auto says on the CPU
+        assert _serving(server, "mlp")["batch_buckets"] == [2, 4, 16]
+        assert _serving(server, "mlp")["pad_to_buckets"] == "on"
+        assert _serving(server, "mldcn")["pad_to_buckets"] == "auto"
+        log = server.log()
+        assert re.search(r"serving mlp version 1 .*buckets 2,4,", log), log
+        assert re.search(r"serving mldcn version 1 .*buckets off", log), log
         before = server.metrics()
         for name in ("mlp", "mldcn"):
             status, out = server.score(
@@ -77,6 +87,8 @@ def test_two_models_batch_by_their_own_config(models: Models, tmp_path: Path) ->
     ({"timeout_action": "drop"}, "timeout_action"),
     ({"max_batch_size": "64"}, "max_batch_size"),  # strict: no string coercion
     ({"batch_size": 64}, "batch_size"),  # not a setting
+    ({"batch_buckets": [64, 0]}, "batch_buckets"),
+    ({"pad_to_buckets": "maybe"}, "pad_to_buckets"),
     ([], "config"),
 ])
 def test_a_bad_config_file_names_the_key(tmp_path: Path, content, key: str) -> None:
