@@ -35,6 +35,8 @@ from bisect import bisect_right
 from collections.abc import Sequence
 from itertools import accumulate
 
+from model.cliargs import comma_list
+
 DEFAULT_SALT = "mldcn-ab"
 Arms = list[tuple[str, float]]
 
@@ -45,9 +47,7 @@ def parse_split(text: str) -> Arms:
     An empty string is no split (``[]``). ValueError names the problem.
     """
     arms: Arms = []
-    for part in (p.strip() for p in text.split(",")):
-        if not part:
-            continue
+    for part in comma_list(text):
         name, sep, weight = part.rpartition(":")
         if not sep or not name.strip():
             raise ValueError(f"ab: expected model:weight, got {part!r}")

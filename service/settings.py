@@ -28,6 +28,7 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from model.cliargs import comma_list
 from service.buckets import DEFAULT_BUCKETS, parse_buckets
 from service.routing import DEFAULT_SALT, Arms, parse_split
 
@@ -220,18 +221,14 @@ class Settings(BaseSettings):
     @classmethod
     def _split_models(cls, v: object) -> object:
         if isinstance(v, str):
-            return [s.strip() for s in v.split(",") if s.strip()]
+            return comma_list(v)
         return v
 
     @field_validator("device_ids", mode="before")
     @classmethod
     def _split_devices(cls, v: object) -> object:
         if isinstance(v, str):
-            try:
-                return [int(x) for x in v.split(",") if x.strip()]
-            except ValueError:
-                raise ValueError(f"device_ids: expected comma-separated integers, got {v!r}"
-                                 ) from None
+            return comma_list(v, int, "integers")  # ValueError names the text
         return v
 
     @field_validator("batch_buckets", mode="before")
