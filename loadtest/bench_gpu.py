@@ -32,6 +32,8 @@ from typing import Any
 
 import numpy as np
 
+from model.errors import CLIError
+
 ARCHS = ("dcnv2", "mldcn")
 FP32_PARITY = 1e-5
 EXIT_NO_CUDA = 2
@@ -174,6 +176,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     from model.cliargs import comma_list
 
     sizes = sorted(set(comma_list(args.sizes, int, "sizes")))
+    if not sizes or min(sizes) < 1:
+        raise CLIError(f"--sizes must be comma-separated integers >= 1, got {args.sizes!r}")
     max_rows = max(sizes)
     graph_modes = [False, True] if on_cuda and not args.no_graphs else [False]
     tmp = None

@@ -441,6 +441,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     unknown = [s for s in servers if s not in SERVERS]
     if unknown:
         raise LoadTestError(f"unknown servers {unknown} (servers: {', '.join(SERVERS)})")
+    if isinstance(args.rates, str) and not comma_list(args.rates, float, "rates"):
+        raise LoadTestError(f"--rates must list at least one rate, got {args.rates!r}")
     args.rates = comma_list(args.rates, float, "rates") if isinstance(args.rates, str) \
         else args.rates
     result = run(Path(args.repo).resolve(), models, servers, args)

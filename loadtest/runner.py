@@ -170,13 +170,14 @@ class Server:
 @contextlib.contextmanager
 def launch(cmd: Sequence[str], name: str, cores: Sequence[int] = (),
            env: dict[str, str] | None = None, ready_path: str = "/v2/health/ready",
-           port: int | None = None, start_timeout_s: float = SERVER_START_TIMEOUT_S
-           ) -> Iterator[Server]:
+           port: int | None = None, start_timeout_s: float = SERVER_START_TIMEOUT_S,
+           log_in_error: bool = False) -> Iterator[Server]:
     """Run ``cmd`` (a server listening on 127.0.0.1:``port``) in its own process group,
     pinned to ``cores``, until ``GET ready_path`` answers 200; kill its group when the block
-    ends. LoadTestError (one line, naming the log) if it exits or is not ready in time."""
+    ends. LoadTestError (one line, naming the log; with ``log_in_error`` followed by the log's
+    tail, for tests) if it exits or is not ready in time."""
     port = free_port() if port is None else port
-    fd, log_name = tempfile.mkstemp(prefix=f"mldcn-{name}-", suffix=".log")
+    fd, log_name = tempfile.mkstemp(prefix=f"mldcn-{name.replace(' ', '-')}-", suffix=".log")
     os.close(fd)
     log_path = Path(log_name)
     with open(log_path, "wb") as log:
@@ -184,17 +185,21 @@ def launch(cmd: Sequence[str], name: str, cores: Sequence[int] = (),
                                 env=os.environ.copy() if env is None else env, cwd=REPO_ROOT,
                                 start_new_session=True, preexec_fn=_pin(cores))
     server = Server(f"http://127.0.0.1:{port}", proc, log_path, list(cores))
+
+    def failed(why: str) -> LoadTestError:
+        tail = f"\n{server.log_tail(8000)}" if log_in_error else ""
+        return LoadTestError(f"{name} {why} (log: {log_path}){tail}")
+
     try:
         deadline = time.monotonic() + start_timeout_s
         while True:
             if proc.poll() is not None:
-                raise LoadTestError(f"{name} exited with status {proc.returncode}: "
-                                    f"{last_line(server.log_tail())} (log: {log_path})")
+                raise failed(f"exited with status {proc.returncode}: "
+                             f"{last_line(server.log_tail())}")
             if http_json(server.url + ready_path, timeout_s=1.0)[0] == 200:
                 break
             if time.monotonic() > deadline:
-                raise LoadTestError(f"{name} not ready after {start_timeout_s:.0f} s "
-                                    f"(log: {log_path})")
+                raise failed(f"not ready after {start_timeout_s:.0f} s")
             time.sleep(0.2)
         yield server
     finally:

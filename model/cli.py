@@ -27,17 +27,15 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
+from model.cliargs import OneLineParser
 from model.errors import CLIError
 
 SYNTHETIC = "synthetic"
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
-        raise SystemExit(2)
+_Parser = OneLineParser
 
 
 def _expected_errors() -> tuple[type[BaseException], ...]:

@@ -1,11 +1,22 @@
-"""Flag values every command line parses the same way: comma-separated lists."""
+"""What every command line shares: the parser's one-line errors and comma-separated lists."""
 
 from __future__ import annotations
 
+import argparse
+import sys
 from collections.abc import Callable
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 T = TypeVar("T")
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one line (``prog: error: ... (see prog
+    --help)``), exit status 2, not the usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
 
 
 def comma_list(text: str, kind: Callable[[str], T] = str,  # type: ignore[assignment]

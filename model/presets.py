@@ -95,6 +95,8 @@ _LEVEL_SETTINGS: dict[str, dict[str, Any]] = {
         "embedding_l2": EMBEDDING_L2,
     },
 }
+
+
 def _check_names(arch: str, level: str) -> None:
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; presets exist for {ARCHS}")

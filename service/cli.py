@@ -41,18 +41,20 @@ def serve_parser() -> argparse.ArgumentParser:
     field's description and default, plus ``--access-log``. A flag's value is handed to
     Settings as the ``MLDCN_*`` variable would be, so the validation (and its messages) is
     Settings' own."""
+    from model.cliargs import OneLineParser
     from service.settings import Settings
 
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="mldcn serve", description="Run the scoring service. Every flag can also be given "
         "as an MLDCN_<NAME> environment variable (flags win).")
     for name, info in Settings.model_fields.items():
         if name in NOT_FLAGS:
             continue
         flag = "--" + name.replace("_", "-")
-        default = info.default if info.default is not None else "none"
-        if isinstance(default, list):
-            default = ",".join(map(str, default)) or "none"
+        default = info.get_default(call_default_factory=True)
+        if isinstance(default, list | tuple):
+            default = ",".join(map(str, default))
+        default = "none" if default is None or default == "" else default
         text = f"{info.description or name} (default {default})" if name != "repo" else (
             f"{info.description} (required; MLDCN_REPO)")
         text = text.replace("%", "%%")
@@ -81,12 +83,11 @@ def serve_env(args: argparse.Namespace) -> dict[str, str]:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    from pydantic import ValidationError
-
     from model.errors import CLIError
 
     try:
         flags = serve_parser().parse_args(args.flags)
+        from pydantic import ValidationError
     except ImportError as e:
         raise CLIError(f"mldcn serve needs the serve extra (pip install '.[serve]'): {e}"
                        ) from None

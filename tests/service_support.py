@@ -118,7 +118,7 @@ def run_server(repo: Path, env: dict[str, str] | None = None,
     full_env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     cmd = [sys.executable, "-m", "model", "serve", "--repo", str(repo), "--port", str(port)]
     with launch(cmd, "mldcn serve", sorted(cpus or ()), full_env, port=port,
-                start_timeout_s=START_TIMEOUT_S) as s:
+                start_timeout_s=START_TIMEOUT_S, log_in_error=True) as s:
         yield Server("127.0.0.1", port, s.proc, s.log_path)
 
 

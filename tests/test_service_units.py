@@ -254,3 +254,15 @@ def test_serve_flags_are_generated_from_settings(monkeypatch) -> None:
                           "MLDCN_CUDA_GRAPHS", "MLDCN_MODELS", "MLDCN_TIMEOUT_ACTION",
                           "MLDCN_FALLBACK_MODEL",
                           "MLDCN_BATCH_BUCKETS"}
+
+
+def test_serve_usage_errors_are_one_line() -> None:
+    from service.cli import serve_parser
+
+    assert "Undefined" not in serve_parser().format_help()
+    for args in (["--bogus", "1"], ["--timeout-action", "drop"]):
+        proc = subprocess.run([sys.executable, "-m", "model", "serve", *args],
+                              capture_output=True, text=True, timeout=60, check=False)
+        assert proc.returncode == 2
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("mldcn serve: error:"), proc.stderr
