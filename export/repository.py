@@ -111,6 +111,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from model.checks import check_sizes
 from model.encoders import FeatureEncoders
 from model.files import sha256_file
 from model.schema import SchemaError
@@ -156,8 +157,7 @@ def check_version(version: int | None) -> int | None:
     """Return ``version`` if it is None or an integer >= 1, else raise RepositoryError."""
     if version is None:
         return None
-    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-        raise RepositoryError(f"version must be an integer >= 1, got {version!r}")
+    check_sizes(RepositoryError, version=version)
     return version
 
 

@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from model.checks import check_sizes
 from model.cliargs import comma_list
 from model.config import ARCHS
 from model.costs import resolved_token_dim
@@ -61,8 +62,7 @@ def t_quantile(p: float, df: int) -> float:
 
     if not 0.5 < p < 1.0:
         raise ValueError(f"p must be in (0.5, 1), got {p}")
-    if not isinstance(df, int) or df < 1:
-        raise ValueError(f"df must be an integer >= 1, got {df!r}")
+    check_sizes(df=df)
     return float(t.ppf(p, df))
 
 

@@ -68,6 +68,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from model.checks import check_sizes
+
 ARCHS: tuple[str, ...] = ("mldcn", "dcnv2", "masknet", "mlp", "wukong", "rankmixer")
 BASELINES: tuple[str, ...] = ("lr",)
 STRUCTURES: tuple[str, ...] = ("parallel", "stacked", "cross_only")
@@ -202,13 +204,9 @@ class ModelConfig:
             value = getattr(self, name)
             if value not in valid:
                 raise ConfigError(f"{name} must be one of {valid}, got {value!r}")
-        for name in (
+        check_sizes(ConfigError, **{name: getattr(self, name) for name in (
             "embed_dim", "num_layers", "rank", "num_experts", "block_dim", "fm_rank",
-            "fmb_hidden", "ffn_hidden",
-        ):
-            value = getattr(self, name)
-            if not _is_int(value) or value < 1:
-                raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+            "fmb_hidden", "ffn_hidden")})
         if self.mask_hidden is not None and (not _is_int(self.mask_hidden) or self.mask_hidden < 1):
             raise ConfigError(
                 f"mask_hidden must be None or an integer >= 1, got {self.mask_hidden!r}"

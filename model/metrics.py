@@ -22,6 +22,8 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
+from model.checks import check_sizes
+
 __all__ = ["calibration", "expected_calibration_error", "log_loss", "roc_auc"]
 
 ArrayLike = npt.ArrayLike
@@ -134,8 +136,7 @@ def expected_calibration_error(labels: ArrayLike, probs: ArrayLike, bins: int = 
         0.25
     """
     y, p = _labels_and_probs(labels, probs, "the calibration error")
-    if not isinstance(bins, int) or bins < 1:
-        raise ValueError(f"bins must be an integer >= 1, got {bins!r}")
+    check_sizes(bins=bins)
     order = np.argsort(p, kind="stable")
     p, y = p[order], y[order]
     # cut points at equal ranks, moved back to the start of a run of equal scores (ties share

@@ -13,18 +13,16 @@ import contextlib
 import http.client
 import json
 import math
-import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import pytest
-from service_support import REPO_ROOT, exported_models, free_port, request_for, run_server
+from service_support import exported_models, free_port, request_for, run_server
 
 from export.repository import ModelRepository, ModelVersion
 from loadtest.peers import bodies as peer_requests
@@ -38,6 +36,7 @@ from loadtest.peers.bodies import (
     service_infer_encoded,
     triton_infer,
 )
+from loadtest.runner import launch
 from model.schema import FeatureSchema, FieldSpec
 
 TOLERANCE = 1e-6
@@ -235,40 +234,12 @@ def _alive(pid: int) -> bool:
 
 @contextlib.contextmanager
 def _peer(module: str, args: list[str], start_s: float) -> Iterator[tuple[int, subprocess.Popen]]:
-    """Run ``python -m module ARGS --port P`` in its own session until ready; always kill it."""
+    """Run ``python -m module ARGS --port P`` in its own session until ready; always kill it
+    (the project's one launcher, ``loadtest.runner.launch``)."""
     port = free_port()
-    log = tempfile.TemporaryFile()
-    proc = subprocess.Popen([sys.executable, "-m", module, *args, "--port", str(port)],
-                            stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT,
-                            start_new_session=True)
-
-    def output() -> str:
-        log.seek(0)
-        return log.read().decode(errors="replace")[-4000:]
-
-    try:
-        deadline = time.monotonic() + start_s
-        while not _ready(port):
-            if proc.poll() is not None:
-                raise AssertionError(f"{module} exited with {proc.returncode}:\n{output()}")
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{module} not ready after {start_s}s:\n{output()}")
-            time.sleep(0.1)
-        yield port, proc
-    except BaseException:
-        print(output())
-        raise
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                pass
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)  # anything left in its session
-        proc.wait(timeout=10)
-        log.close()
+    with launch([sys.executable, "-m", module, *args, "--port", str(port)], module, port=port,
+                start_timeout_s=start_s, log_in_error=True) as server:
+        yield port, server.proc
 
 
 def _stops_on_sigterm(proc: subprocess.Popen, timeout_s: float) -> None:

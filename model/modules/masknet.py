@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from model.checks import check_sizes
 from model.config import reduction_width
-from model.modules.checks import check_sizes
 from model.modules.mlp import init_linear
 
 

@@ -36,8 +36,8 @@ import math
 import torch
 from torch import nn
 
+from model.checks import check_sizes
 from model.config import MASK_ACTIVATIONS, MASK_POSITIONS, MASK_SOURCES
-from model.modules.checks import check_sizes
 from model.modules.mlp import init_linear
 
 

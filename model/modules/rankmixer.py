@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.modules.checks import check_sizes
+from model.checks import check_sizes
 
 
 def default_token_dim(num_tokens: int, embed_dim: int) -> int:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from model.modules.checks import check_sizes
+from model.checks import check_sizes
 from model.modules.mlp import init_linear
 
 
