@@ -39,12 +39,13 @@ _Parser = OneLineParser
 
 
 def _expected_errors() -> tuple[type[BaseException], ...]:
-    """Exception types that mean bad input rather than a bug."""
+    """Exception types that mean bad input rather than a bug. A KeyError is a bug (a missing
+    data column is the readers' DataError), so it ends with a traceback."""
     from model.schema import SchemaError
 
     errors: list[type[BaseException]] = [CLIError, SchemaError, FileNotFoundError,
                                          FileExistsError, NotADirectoryError, PermissionError,
-                                         IsADirectoryError, ValueError, KeyError]
+                                         IsADirectoryError, ValueError]
     return tuple(errors)
 
 
@@ -547,10 +548,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _expected_errors() as e:
         if os.environ.get("MLDCN_DEBUG"):
             raise
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        if isinstance(e, KeyError):
-            msg = f"missing column {msg!r}"
-        print(f"mldcn: error: {msg}", file=sys.stderr)
+        print(f"mldcn: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("mldcn: interrupted", file=sys.stderr)
