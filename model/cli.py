@@ -8,8 +8,8 @@
     mldcn export  export a run folder to the model repository as parity-checked ONNX
     mldcn models  list the model repository (``mldcn models list MODELS_DIR``)
     mldcn serve   run the scoring service on a model repository (FastAPI + ONNX Runtime)
-    mldcn bench   benchmarks: training (pipeline overhead, peak memory), serving latency,
-                  quality (test AUC at matched FLOPs over archs, levels and seeds)
+    mldcn bench   benchmarks: training (pipeline overhead, peak memory, data-parallel scale),
+                  serving latency, quality (test AUC at matched FLOPs over archs, levels and seeds)
     mldcn loadtest load tests with Locust: ``compare`` two models, ``run`` against a server
     mldcn data    build real datasets (``mldcn data movielens OUT_DIR``: MovieLens-100K as CTR)
 
