@@ -471,6 +471,9 @@ def _add_quality_commands(sub: Any, bsub: Any) -> None:
     p.add_argument("--epochs", type=int, default=100, help="epoch cap per trial (100)")
     p.add_argument("--patience", type=int, default=2, help="early-stopping patience (epochs)")
     p.add_argument("--seed", type=int, default=0, help="sampler seed and first training seed")
+    p.add_argument("--confirm-seeds", type=int, default=0,
+                   help="no-regret check: retrain the best and the default on K fresh seeds and "
+                   "keep the best only if its gain's 95%% interval is above 0 (0: off)")
     p.add_argument("--seeds-per-trial", type=int, default=2,
                    help="seeds a trial that is not pruned trains; its value is their mean "
                         "best validation AUC (default 2)")

@@ -83,3 +83,31 @@ def test_tune_refuses_bad_arguments(shared_data, tmp_path) -> None:
     assert main([*base, "--trials", "0"]) == 2
     assert main([*base, "--seeds-per-trial", "0"]) == 2
     assert main(["tune", "--data", str(tmp_path / "nope.tsv"), "--out", str(tmp_path)]) == 2
+
+
+def test_tune_confirmation_keeps_the_default_unless_the_gain_is_clear(shared_data,
+                                                                      tmp_path) -> None:
+    """--confirm-seeds: the best and the default retrain on fresh seeds; the config written is
+    the best only when the paired gain's interval is above 0, else the default recipe."""
+    data = str(shared_data / "criteo_sample" / "criteo_kaggle_raw_1k.tsv")
+    out = tmp_path / "tune"
+    assert main(["tune", "--data", data, "--archs", "dcnv2", "--level", "small", "--trials",
+                 "3", "--epochs", "2", "--threads", "1", "--seeds-per-trial", "1",
+                 "--confirm-seeds", "2", "--out", str(out)]) == 0
+    config = json.loads((out / "dcnv2-small.json").read_text())
+    check = config["confirmation"]
+    assert check["seeds"] == [1000, 1001]
+    assert len(check["best_valid_auc"]) == len(check["default_valid_auc"]) == 2
+    gains = [b - d for b, d in zip(check["best_valid_auc"], check["default_valid_auc"],
+                                   strict=True)]
+    assert check["mean_gain"] == pytest.approx(sum(gains) / 2)
+    low, high = check["ci95"]
+    assert low <= check["mean_gain"] <= high
+    settings = {**config["model"], **config["train"]}
+    default = {"lr": 1e-3, "batch_size": 1024, "dropout": 0.0, "batch_norm": False,
+               "embedding_l2": EMBEDDING_L2}
+    best = max((t for t in _trials(out, "dcnv2-small") if t.state.name == "COMPLETE"),
+               key=lambda t: t.value)
+    assert check["kept"] == ("best" if low > 0 else "default")
+    assert settings == (best.params if low > 0 else default)
+    assert main(["tune", "--data", data, "--confirm-seeds", "1", "--out", str(out)]) == 2
