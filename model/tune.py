@@ -338,8 +338,9 @@ def run_tune(source: Any, split: Any, out_dir: str | Path, archs: Sequence[str],
             path = out / f"{arch}-{level}.json"
             path.write_text(json.dumps(best, indent=2) + "\n")
             summary["archs"][arch] = {**best, "config": str(path)}
+            kept = best.get("confirmation", {}).get("kept", "best")
             log(f"{arch}-{level}: best valid AUC {best['valid_auc']:.5f} "
-                f"(trial {best['trial']}) -> {path}")
+                f"(trial {best['trial']}); wrote the {kept} settings -> {path}")
     finally:
         shutil.rmtree(cache, ignore_errors=True)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
