@@ -441,9 +441,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     unknown = [s for s in servers if s not in SERVERS]
     if unknown:
         raise LoadTestError(f"unknown servers {unknown} (servers: {', '.join(SERVERS)})")
-    if isinstance(args.rates, str) and not comma_list(args.rates, float, "rates"):
-        raise LoadTestError(f"--rates must list at least one rate, got {args.rates!r}")
-    args.rates = comma_list(args.rates, float, "rates") if isinstance(args.rates, str) \
-        else args.rates
+    if isinstance(args.rates, str):
+        text, args.rates = args.rates, comma_list(args.rates, float, "rates")
+        if not args.rates:
+            raise LoadTestError(f"--rates must list at least one rate, got {text!r}")
     result = run(Path(args.repo).resolve(), models, servers, args)
     return write_result(args.out, result, format_table(result))

@@ -27,7 +27,8 @@ from statistics import median
 from typing import Any
 
 
-def _train(args: list[str], out: Path, env: dict[str, str] | None = None) -> dict[str, Any]:
+def train_measured(args: list[str], out: Path,
+                   env: dict[str, str] | None = None) -> dict[str, Any]:
     """Run ``mldcn train ARGS --out OUT`` in a fresh process; its metrics and peak RSS."""
     code = ("import resource, subprocess, sys; "
             "rc = subprocess.run(sys.argv[1:]).returncode; "
@@ -67,7 +68,7 @@ def throughput(data: list[str], data_args: list[str], arch: str, batch_size: int
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _, _ in settings}
     for r in range(repeats):
         for name, extra, env in settings:
-            m = _train([*common, *extra], tmp / f"tp-{r}", env)
+            m = train_measured([*common, *extra], tmp / f"tp-{r}", env)
             runs[name].append({"examples_per_s": m["train_examples_per_s"],
                                "valid_auc": m["valid"]["auc"], "world_size": m["world_size"]})
             print(f"  round {r}: {name}: {m['train_examples_per_s']:,.0f} ex/s, valid AUC "
@@ -89,9 +90,10 @@ def table_memory(data: list[str], fmt: str, schema: dict[str, Any], buckets: int
         for n in (1000, buckets):
             path = tmp / f"schema-{n}.json"
             path.write_text(json.dumps(hashed_schema(schema, n)))
-            m = _train(["--data", *data, "--format", fmt, "--schema", str(path), "--arch", arch,
-                        "--epochs", "2", "--batch-size", "256", "--threads", "1",
-                        "--device", "cpu", "--embedding-optimizer", opt], tmp / f"mem-{opt}-{n}")
+            m = train_measured(
+                ["--data", *data, "--format", fmt, "--schema", str(path), "--arch", arch,
+                 "--epochs", "2", "--batch-size", "256", "--threads", "1", "--device", "cpu",
+                 "--embedding-optimizer", opt], tmp / f"mem-{opt}-{n}")
             peaks[n] = m
         big, small = peaks[buckets], peaks[1000]
         embed_dim = json.loads((tmp / f"mem-{opt}-{buckets}" / "model_config.json")

@@ -114,14 +114,9 @@ def tune_arch(data: Any, arch: str, level: str, storage: Any, trials: int,
     (``identity``) is refused (ValueError)."""
     import numpy as np
     import optuna
-    import torch
-
-    from model.ctr import build_model
-    from model.presets import preset
-    from model.train import TrainConfig, fit
+    from optuna.trial import TrialState
 
     cards, num_dense = data.encoders.cardinalities, data.encoders.num_dense
-    from optuna.trial import TrialState
 
     study = optuna.create_study(
         study_name=f"{arch}-{level}", storage=storage, direction="maximize",
@@ -152,33 +147,21 @@ def tune_arch(data: Any, arch: str, level: str, storage: Any, trials: int,
     if left == 0 or (budget_s is not None and budget_s <= 0):
         return study
 
+    def report(row: dict[str, Any], trial: Any) -> None:
+        trial.report(row["valid_auc"], row["epoch"])
+        if trial.should_prune():
+            raise optuna.TrialPruned()
+
     def objective(trial: Any) -> float:
         o = suggest(trial)
-        cfg = preset(arch, level, cards, num_dense, **o.model)
         bests, epochs = [], []
         t0 = time.perf_counter()
         try:
             for k in range(seeds_per_trial):  # pruning watches the first seed's curve
-                train_cfg = TrainConfig(**{**train_kw, **o.train}, seed=seed + k,
-                                        progress=False)
-                torch.manual_seed(seed + k)
-                np.random.seed(seed + k)
-                model = build_model(cfg, cards, num_dense)
-                best = -math.inf
-
-                def report(row: dict[str, Any], first: bool = k == 0) -> None:
-                    nonlocal best
-                    auc = row["valid_auc"]
-                    best = max(best, auc) if math.isfinite(auc) else best
-                    if first:
-                        trial.report(auc, row["epoch"])
-                        if trial.should_prune():
-                            raise optuna.TrialPruned()
-
-                history = fit(model, data, train_cfg, log=lambda m: None,
-                              embedding_l2=cfg.embedding_l2, on_epoch=report)
+                best, n = train_once(data, arch, level, o, train_kw, seed + k,
+                                     (lambda row: report(row, trial)) if k == 0 else None)
                 bests.append(best)
-                epochs.append(len(history))
+                epochs.append(n)
         finally:
             trial.set_user_attr("train_s", time.perf_counter() - t0)
         value = float(np.mean(bests))
@@ -224,39 +207,45 @@ def _params_overrides(params: dict[str, Any]) -> Overrides:
     return Overrides(None, parts["model"], parts["train"])
 
 
-def confirm(data: Any, arch: str, level: str, best: dict[str, Any], default: dict[str, Any],
-            seeds: int, seed: int, train_kw: dict[str, Any]) -> dict[str, Any]:
-    """The no-regret check: the best trial's settings and the default recipe trained on
-    ``seeds`` fresh seeds each (paired), valid AUC only. The best is kept only if the mean
-    paired gain's 95% t-interval lies above 0; else the default is (a search's winner on a few
-    seeds is often noise that does not carry over to test rows)."""
+def train_once(data: Any, arch: str, level: str, o: Overrides, train_kw: dict[str, Any],
+               seed: int, on_epoch: Callable[[dict[str, Any]], None] | None = None
+               ) -> tuple[float, int]:
+    """Train the preset with overrides ``o`` on seed ``seed``: its best valid AUC (-inf when
+    never finite) and the epochs run. ``on_epoch`` as in ``model.train.fit``."""
     import numpy as np
     import torch
-    from scipy.stats import t
 
     from model.ctr import build_model
     from model.presets import preset
     from model.train import TrainConfig, fit
 
     cards, num_dense = data.encoders.cardinalities, data.encoders.num_dense
+    cfg = preset(arch, level, cards, num_dense, **o.model)
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    model = build_model(cfg, cards, num_dense)
+    history = fit(model, data, TrainConfig(**{**train_kw, **o.train}, seed=seed, progress=False),
+                  log=lambda m: None, embedding_l2=cfg.embedding_l2, on_epoch=on_epoch)
+    aucs = [h["valid_auc"] for h in history if math.isfinite(h["valid_auc"])]
+    return (max(aucs) if aucs else -math.inf), len(history)
+
+
+def confirm(data: Any, arch: str, level: str, best: dict[str, Any], default: dict[str, Any],
+            seeds: int, seed: int, train_kw: dict[str, Any]) -> dict[str, Any]:
+    """The no-regret check: the best trial's settings and the default recipe trained on
+    ``seeds`` fresh seeds each (paired), valid AUC only. The best is kept only if the mean
+    paired gain's 95% t-interval lies above 0; else the default is (a search's winner on a few
+    seeds is often noise that does not carry over to test rows)."""
+    from model.bench_quality import mean_ci
+
     values: dict[str, list[float]] = {"best": [], "default": []}
     for k in range(seeds):
-        s = seed + CONFIRM_SEED_OFFSET + k
         for name, params in (("best", best), ("default", default)):
-            o = _params_overrides(params)
-            cfg = preset(arch, level, cards, num_dense, **o.model)
-            torch.manual_seed(s)
-            np.random.seed(s)
-            model = build_model(cfg, cards, num_dense)
-            history = fit(model, data, TrainConfig(**{**train_kw, **o.train}, seed=s,
-                                                   progress=False),
-                          log=lambda m: None, embedding_l2=cfg.embedding_l2)
-            aucs = [h["valid_auc"] for h in history if math.isfinite(h["valid_auc"])]
-            values[name].append(max(aucs) if aucs else float("nan"))
-    diff = np.array(values["best"]) - np.array(values["default"])
-    mean = float(diff.mean())
-    half = (float(t.ppf(0.975, seeds - 1) * diff.std(ddof=1) / math.sqrt(seeds))
-            if seeds > 1 else math.inf)
+            auc, _ = train_once(data, arch, level, _params_overrides(params), train_kw,
+                                seed + CONFIRM_SEED_OFFSET + k)
+            values[name].append(auc)
+    gain = mean_ci([b - d for b, d in zip(values["best"], values["default"], strict=True)])
+    mean, half = gain["mean"], gain["half_width"]
     return {"seeds": [seed + CONFIRM_SEED_OFFSET + k for k in range(seeds)],
             "best_valid_auc": values["best"], "default_valid_auc": values["default"],
             "mean_gain": mean, "ci95": [mean - half, mean + half],

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from model.bench_scale import hashed_schema
+from model.bench_scale import hashed_schema, train_measured
 from model.dataset import Shard, iter_batches
 from model.optim import RowWiseAdagrad, clip_grad_norm
 
@@ -103,19 +103,13 @@ def test_hashed_table_of_ten_million_rows_within_memory_bound(tmp_path, shared_d
     for buckets in (1000, 10_000_000):
         path = tmp_path / f"schema-{buckets}.json"
         path.write_text(json.dumps(hashed_schema(schema, buckets)))
-        code = ("import resource, subprocess, sys; rc = subprocess.run(sys.argv[1:]).returncode;"
-                " print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(rc)")
         out = tmp_path / f"run-{buckets}"
-        proc = subprocess.run(
-            [sys.executable, "-c", code, sys.executable, "-m", "model", "train", "--data",
-             str(shared_data / SAMPLE), "--format", "criteo-tsv", "--schema", str(path),
+        m = train_measured(
+            ["--data", str(shared_data / SAMPLE), "--format", "criteo-tsv", "--schema", str(path),
              "--arch", "dcnv2", "--epochs", "2", "--batch-size", "256", "--threads", "1",
-             "--no-progress", "--device", "cpu", "--embedding-optimizer", "rowwise_adagrad",
-             "--out", str(out)],
-            cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True,
-            text=True, timeout=600, check=False)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        peaks[buckets] = int(proc.stdout.split()[-1]) * 1024
+             "--device", "cpu", "--embedding-optimizer", "rowwise_adagrad"],
+            out, {"PYTHONPATH": str(REPO)})
+        peaks[buckets] = m["peak_rss_bytes"]
         mc = json.loads((out / "model_config.json").read_text())
         embed_dim = mc["model"]["embed_dim"]
         assert mc["cardinalities"][0] == buckets
