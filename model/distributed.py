@@ -28,6 +28,7 @@ the others.
 
 from __future__ import annotations
 
+import gc
 import os
 import subprocess
 import sys
@@ -132,10 +133,16 @@ def init(d: Dist, device: torch.device) -> None:
         dist.init_process_group("gloo", timeout=timeout)
 
 
-def shutdown(d: Dist) -> None:
-    """Leave the process group."""
+def shutdown(d: Dist, *, together: bool) -> None:
+    """Leave the process group. ``together`` (a run that succeeded on every rank): wait for all
+    ranks first, so none tears its group down while rank 0 still writes the run folder (an
+    early leaver's gloo threads can abort the process at exit). The group's objects are freed
+    here, while the interpreter is fully alive, not during its teardown."""
     if d.world > 1 and dist.is_initialized():
+        if together:
+            dist.barrier()
         dist.destroy_process_group()
+        gc.collect()
 
 
 def launch(nproc: int, argv: Sequence[str]) -> int:

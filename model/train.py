@@ -421,6 +421,7 @@ def train_run(
 
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     data: PreparedData | None = None
+    finished = False
     if d.main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -492,6 +493,7 @@ def train_run(
             "torch_version": torch.__version__,
         }
         if not d.main:
+            finished = True
             return metrics
         model.cpu()
         write_samples(tmp / "samples", source, data)
@@ -510,6 +512,7 @@ def train_run(
             shutil.rmtree(out)
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp.rename(out)
+        finished = True
     except BaseException:
         if d.main:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -517,7 +520,7 @@ def train_run(
     finally:
         if previous_sigterm is not None:
             signal.signal(signal.SIGTERM, previous_sigterm)
-        shutdown_group(d)
+        shutdown_group(d, together=finished)
     log(f"wrote {out}")
     return metrics
 
