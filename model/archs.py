@@ -5,7 +5,8 @@ An :class:`Architecture` says how to build its interaction module from a ``Model
 (``build``, used by ``model.ctr``), what that module costs and how wide its output is
 (``cost``, ``output_dim``, used by ``model.flops``), and how a matched-FLOPs preset is made
 (``preset_settings``, the ``solved`` width and ``solve``, used by ``model.presets``; plus the
-``key_hyperparameters`` a preset table shows). The modules themselves live in
+``key_hyperparameters`` a preset table shows; ``search``, its own settings ``mldcn tune --space
+wide`` searches). The modules themselves live in
 ``model/modules/`` and their costs in ``model.costs``; adding an architecture is its module,
 its cost function, its ``ModelConfig`` fields and one entry in :data:`ARCHITECTURES` — no
 if-chain elsewhere. No torch import at module level (``build`` imports the modules), so
@@ -30,7 +31,15 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from model.config import ARCHS, ModelConfig, check_token_layout
+from model.config import (
+    ARCHS,
+    DCN_TYPES,
+    MASK_ACTIVATIONS,
+    MASK_POSITIONS,
+    MASK_SOURCES,
+    ModelConfig,
+    check_token_layout,
+)
 from model.costs import (
     Cost,
     crossnet_cost,
@@ -97,6 +106,17 @@ Solve = Callable[[ModelConfig, Matcher], "tuple[ModelConfig, float] | None"]
 
 
 @dataclass(frozen=True)
+class SearchKey:
+    """One of an architecture's own settings that ``mldcn tune --space wide`` searches
+    (categorical; the preset re-solves the architecture's width for it, so FLOPs stay matched).
+    ``when`` (key, value): searched only when that key has that value."""
+
+    name: str
+    choices: tuple[Any, ...]
+    when: tuple[str, Any] | None = None
+
+
+@dataclass(frozen=True)
 class Architecture:
     """One interaction architecture (see the module docstring)."""
 
@@ -109,6 +129,7 @@ class Architecture:
     output_dim: WidthOf = lambda cfg, d, num_fields, num_dense: d
     preset_settings: Mapping[str, Any] = field(default_factory=dict)
     structure: str | None = None  # a structure the architecture always uses ("mlp": stacked)
+    search: tuple[SearchKey, ...] = ()  # its own keys for ``mldcn tune --space wide``
 
 
 def _half_up(x: float) -> int:
@@ -307,9 +328,14 @@ def _rankmixer_solve(base: ModelConfig, m: Matcher) -> tuple[ModelConfig, float]
 ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (
     Architecture("mldcn", _mldcn_build, _mldcn_cost, "rank", _mldcn_solve,
                  lambda cfg: ["rank", "mask_hidden", "mask_position", "mask_source",
-                              "num_experts"]),
+                              "num_experts"],
+                 search=(SearchKey("mask_position", MASK_POSITIONS),
+                         SearchKey("mask_source", MASK_SOURCES),
+                         SearchKey("mask_activation", MASK_ACTIVATIONS))),
     Architecture("dcnv2", _dcnv2_build, _dcnv2_cost, "rank", _dcnv2_solve, _dcnv2_keys,
-                 preset_settings={"dcn_type": "full"}),
+                 preset_settings={"dcn_type": "full"},
+                 search=(SearchKey("dcn_type", DCN_TYPES),
+                         SearchKey("num_experts", (2, 4), when=("dcn_type", "mix")))),
     Architecture("masknet", _masknet_build, _masknet_cost, "block_dim", _masknet_solve,
                  lambda cfg: ["masknet_mode", "block_dim", "reduction_ratio"],
                  output_dim=_masknet_width,

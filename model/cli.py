@@ -474,6 +474,10 @@ def _add_quality_commands(sub: Any, bsub: Any) -> None:
     p.add_argument("--confirm-seeds", type=int, default=0,
                    help="no-regret check: retrain the best and the default on K fresh seeds and "
                    "keep the best only if its gain's 95%% interval is above 0 (0: off)")
+    p.add_argument("--space", choices=("recipe", "wide"), default="recipe",
+                   help="recipe: lr, batch size, dropout, batch norm, embedding L2; wide: also "
+                   "the embedding init scale and the architecture's own settings, its width "
+                   "re-solved so FLOPs stay matched (default recipe)")
     p.add_argument("--seeds-per-trial", type=int, default=2,
                    help="seeds a trial that is not pruned trains; its value is their mean "
                         "best validation AUC (default 2)")

@@ -3,7 +3,10 @@
 For each architecture asked for, one Optuna study (TPE sampler, median pruner) searches the
 training recipe of the architecture's matched-FLOPs preset at one level: the settings that do
 not change the FLOPs (:data:`SEARCH_SPACE`: learning rate, batch size, tower dropout, batch
-norm, the embedding regulariser), so a tuned model is still compared at matched cost. Every
+norm, the embedding regulariser), so a tuned model is still compared at matched cost.
+``--space wide`` adds the embedding init scale and each architecture's own settings
+(``model.archs`` ``search``: DCNv2's ``dcn_type`` and experts, ML-DCN's mask position, source
+and activation), for which the preset re-solves the width, so FLOPs stay matched. Every
 trial trains one model (seed ``--seed``) on the same prepared data and reports its validation
 AUC after each epoch; a trial whose AUC falls below the median of earlier trials at the same
 epoch is pruned (``MedianPruner``: not before ``PRUNE_STARTUP`` trials have finished, nor in
@@ -62,6 +65,11 @@ SEARCH_SPACE: dict[str, tuple[str, Any, Any, bool, str]] = {
     "batch_norm": ("categorical", (False, True), None, False, "model"),
     "embedding_l2": ("float", 1e-7, 1e-1, True, "model"),
 }
+# what --space wide adds to SEARCH_SPACE (besides the architecture's own keys)
+WIDE_SPACE: dict[str, tuple[str, Any, Any, bool, str]] = {
+    "embed_init_std": ("float", 1e-5, 1e-1, True, "model"),
+}
+SPACES = ("recipe", "wide")
 PRUNE_STARTUP = 5  # finished trials before pruning starts
 HEARTBEAT_S = 30
 
@@ -70,32 +78,57 @@ def _stderr(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def suggest(trial: Any) -> Overrides:
-    """The trial's settings, drawn from :data:`SEARCH_SPACE`, as overrides."""
+def space(kind: str) -> dict[str, tuple[str, Any, Any, bool, str]]:
+    """The shared search space of ``--space KIND`` (the architecture's own keys come on top)."""
+    if kind not in SPACES:
+        raise ValueError(f"--space must be one of {SPACES}, got {kind!r}")
+    return {**SEARCH_SPACE, **(WIDE_SPACE if kind == "wide" else {})}
+
+
+def _arch_keys(arch: str, kind: str) -> tuple[Any, ...]:
+    from model.archs import architecture
+
+    return architecture(arch).search if kind == "wide" else ()
+
+
+def suggest(trial: Any, arch: str = "mldcn", kind: str = "recipe") -> Overrides:
+    """The trial's settings, drawn from :func:`space` and the architecture's own keys, as
+    overrides."""
     parts: dict[str, dict[str, Any]] = {"model": {}, "train": {}}
-    for name, (kind, low, high, log, where) in SEARCH_SPACE.items():
-        if kind == "float":
+    for name, (k, low, high, log, where) in space(kind).items():
+        if k == "float":
             value = trial.suggest_float(name, low, high, log=log)
         else:
             value = trial.suggest_categorical(name, list(low))
         parts[where][name] = value
+    for key in _arch_keys(arch, kind):
+        if key.when is None or parts["model"].get(key.when[0]) == key.when[1]:
+            parts["model"][key.name] = trial.suggest_categorical(key.name, list(key.choices))
     return Overrides(None, parts["model"], parts["train"])
 
 
 def start_params(arch: str, level: str, cards: Sequence[int], num_dense: int,
-                 train_kw: dict[str, Any]) -> dict[str, Any]:
-    """The search's first trial: the default recipe's value of every :data:`SEARCH_SPACE` key."""
+                 train_kw: dict[str, Any], kind: str = "recipe") -> dict[str, Any]:
+    """The search's first trial: the default recipe's value of every searched key."""
     from model.presets import preset
     from model.train import TrainConfig
 
     cfg, t = preset(arch, level, cards, num_dense), TrainConfig(**train_kw)
-    values = {**{k: getattr(cfg, k) for k in ("dropout", "batch_norm", "embedding_l2")},
-              "lr": t.lr, "batch_size": t.batch_size}
-    for name, (kind, low, high, _, _) in SEARCH_SPACE.items():
-        value_in = values[name]
-        inside = (low <= value_in <= high) if kind == "float" else value_in in low
+    values: dict[str, Any] = {}
+    for name, (k, low, high, _, _) in space(kind).items():
+        value_in = t.lr if name == "lr" else t.batch_size if name == "batch_size" else (
+            getattr(cfg, name))
+        inside = (low <= value_in <= high) if k == "float" else value_in in low
         if not inside:
             raise ValueError(f"the default {name} = {value_in!r} is outside the search space")
+        values[name] = value_in
+    for key in _arch_keys(arch, kind):
+        if key.when is None or getattr(cfg, key.when[0]) == key.when[1]:
+            value_in = getattr(cfg, key.name)
+            if value_in not in key.choices:
+                raise ValueError(f"the default {key.name} = {value_in!r} is outside the "
+                                 "search space")
+            values[key.name] = value_in
     return values
 
 
@@ -108,7 +141,7 @@ def _finished(study: Any) -> int:
 def tune_arch(data: Any, arch: str, level: str, storage: Any, trials: int,
               timeout_s: float | None, seed: int, train_kw: dict[str, Any],
               log: Log = _stderr, seeds_per_trial: int = 1,
-              identity: dict[str, Any] | None = None) -> Any:
+              identity: dict[str, Any] | None = None, kind: str = "recipe") -> Any:
     """Run (or resume) the study ``ARCH-LEVEL`` up to ``trials`` finished trials, within
     ``timeout_s`` of search time over all its runs. A study made on other data or settings
     (``identity``) is refused (ValueError)."""
@@ -133,7 +166,7 @@ def tune_arch(data: Any, arch: str, level: str, storage: Any, trials: int,
         study.sampler = optuna.samplers.TPESampler(seed=seed + len(existing))
     else:
         study.set_user_attr("identity", identity)
-    start = start_params(arch, level, cards, num_dense, train_kw)
+    start = start_params(arch, level, cards, num_dense, train_kw, kind)
     alive = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
     if not any((t.params or t.system_attrs.get("fixed_params")) == start
                for t in existing if t.state in alive):  # the default recipe is always tried
@@ -153,7 +186,7 @@ def tune_arch(data: Any, arch: str, level: str, storage: Any, trials: int,
             raise optuna.TrialPruned()
 
     def objective(trial: Any) -> float:
-        o = suggest(trial)
+        o = suggest(trial, arch, kind)
         bests, epochs = [], []
         t0 = time.perf_counter()
         try:
@@ -202,8 +235,8 @@ CONFIRM_SEED_OFFSET = 1000  # confirmation seeds: seed + 1000 + k, never a searc
 
 def _params_overrides(params: dict[str, Any]) -> Overrides:
     parts: dict[str, dict[str, Any]] = {"model": {}, "train": {}}
-    for name, value in params.items():
-        parts[SEARCH_SPACE[name][4]][name] = value
+    for name, value in params.items():  # an architecture's own keys are model settings
+        parts[space("wide").get(name, (None, None, None, None, "model"))[4]][name] = value
     return Overrides(None, parts["model"], parts["train"])
 
 
@@ -256,7 +289,7 @@ def run_tune(source: Any, split: Any, out_dir: str | Path, archs: Sequence[str],
              trials: int, timeout_s: float | None, seed: int, train_kw: dict[str, Any],
              valid_source: Any = None, threads: int | None = None,
              log: Log = _stderr, seeds_per_trial: int = 1,
-             confirm_seeds: int = 0) -> dict[str, Any]:
+             confirm_seeds: int = 0, kind: str = "recipe") -> dict[str, Any]:
     """Tune every arch in ``archs`` at ``level`` with the same budget; write the configs."""
     import shutil
 
@@ -290,7 +323,7 @@ def run_tune(source: Any, split: Any, out_dir: str | Path, archs: Sequence[str],
                                "confirm_seeds": confirm_seeds,
                                "train": train_kw,
                                "search_space": {k: list(v[:4]) for k, v in
-                                                SEARCH_SPACE.items()},
+                                                space(kind).items()},
                                "archs": {}}
     from dataclasses import asdict
 
@@ -301,12 +334,17 @@ def run_tune(source: Any, split: Any, out_dir: str | Path, archs: Sequence[str],
                                                          else [])],
                 "split": asdict(split), "train": train_kw, "seed": seed,
                 "seeds_per_trial": seeds_per_trial, "search_space": summary["search_space"]}
+    if kind != "recipe":  # (recipe studies made before --space existed keep their identity)
+        arch_space = {a: [[k.name, list(k.choices), k.when] for k in _arch_keys(a, kind)]
+                      for a in archs}
+        summary.update(space=kind, arch_space=arch_space)
+        identity.update(space=kind, arch_space=arch_space)
     try:
         data = prepare_sources(source, split, cache, valid_source, None)
         log(f"data: {data.rows('train'):,} train / {data.rows('valid'):,} valid rows")
         for arch in archs:
             study = tune_arch(data, arch, level, storage, trials, timeout_s, seed, train_kw, log,
-                              seeds_per_trial, identity)
+                              seeds_per_trial, identity, kind)
             from optuna.trial import TrialState
 
             if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
@@ -314,7 +352,7 @@ def run_tune(source: Any, split: Any, out_dir: str | Path, archs: Sequence[str],
             best = best_overrides(study, arch, level)
             if confirm_seeds:
                 default = start_params(arch, level, data.encoders.cardinalities,
-                                       data.encoders.num_dense, train_kw)
+                                       data.encoders.num_dense, train_kw, kind)
                 check = confirm(data, arch, level, study.best_trial.params, default,
                                 confirm_seeds, seed, train_kw)
                 log(f"{arch}-{level}: confirmation on {confirm_seeds} fresh seeds: best - default "
@@ -364,4 +402,5 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     archs = comma_list(args.archs)
     return run_tune(source, split, args.out, archs, args.level, args.trials, args.timeout_s,
                     args.seed, train_kw, valid_source=valid_source, threads=args.threads,
-                    seeds_per_trial=args.seeds_per_trial, confirm_seeds=args.confirm_seeds)
+                    seeds_per_trial=args.seeds_per_trial, confirm_seeds=args.confirm_seeds,
+                    kind=args.space)
