@@ -21,8 +21,6 @@ latency) and exported fp32 and fp16 into a temporary repository (needs the ``tra
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -32,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from model.bench.results import machine, write_result
 from model.errors import CLIError
 
 ARCHS = ("dcnv2", "mldcn")
@@ -193,8 +192,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         result: dict[str, Any] = {
             "provider": provider, "cuda": on_cuda, "sizes": sizes,
             "device": _device_name(), "onnxruntime": _ort_version(),
-            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                        "python": platform.python_version()},
+            "machine": machine(),
             "preset": None if args.repo else args.preset, "runs": []}
         for name in names:
             mv = mr.load_version(name)
@@ -231,8 +229,6 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-    from model.files import write_result
-
     return write_result(args.out, result, format_table(result))
 
 

@@ -49,7 +49,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -80,7 +79,7 @@ from loadtest.runner import (
 )
 from loadtest.sampling import CandidateCounts, RequestSampler
 from loadtest.shapes import ArrivalSchedule
-from model.files import cpu_name, write_result
+from model.bench.results import machine, write_result
 
 SERVERS = ("v1", "v2", "v2raw", "fastapi", "pytriton")
 MLDCN_SERVERS = ("v1", "v2", "v2raw")
@@ -340,9 +339,7 @@ def run(repo: Path, models: dict[str, str], servers: Sequence[str], opts: argpar
     if hasattr(os, "sched_setaffinity") and client_cores:
         os.sched_setaffinity(0, set(client_cores))
     result: dict[str, Any] = {
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                    "processor": cpu_name(), "python": platform.python_version(),
-                    "server_cores": server_cores, "client_cores": client_cores},
+        "machine": machine("onnxruntime", server_cores=server_cores, client_cores=client_cores),
         "candidates": opts.candidates, "slo_ms": opts.slo_ms, "step_s": opts.step_s,
         "rates": list(opts.rates), "models": {},
     }
@@ -410,7 +407,7 @@ def _f(v: float | None, digits: int = 1) -> str:
 
 def format_table(result: dict[str, Any]) -> str:
     """The printed summary (also the README table's source)."""
-    lines = [f"{result['machine']['processor']}; server on cores "
+    lines = [f"{result['machine']['cpu']}; server on cores "
              f"{result['machine']['server_cores']}, client on {result['machine']['client_cores']};"
              f" {result['candidates']} candidates per request, SLO p99 <= {result['slo_ms']:g} ms"
              f" and < 0.1% unserved"]

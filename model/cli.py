@@ -394,7 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile-batches", default="64,512,2048",
                    help="batch sizes of the per-operator profiles of the issue config ('': none)")
     p.add_argument("--out", default="docs/bench/fusion.json", help="JSON output path")
-    p.add_argument("--doc", default="docs/fusion.md", help="markdown report to update")
+    p.add_argument("--doc", default="docs/bench/fusion.md",
+                   help="markdown tables to write (the whole file)")
     p.set_defaults(func=_bench_fusion)
 
     _add_quality_commands(sub, bsub)
@@ -499,13 +500,13 @@ def _add_quality_commands(sub: Any, bsub: Any) -> None:
 
 
 def _bench_quality(args: argparse.Namespace) -> None:
-    from model import bench_quality
+    from model.bench import quality as bench_quality
 
     bench_quality.main(args)
 
 
 def _bench_quality_diff(args: argparse.Namespace) -> None:
-    from model import bench_quality
+    from model.bench import quality as bench_quality
 
     bench_quality.compare_main(args)
 
@@ -529,19 +530,21 @@ def _data_movielens(args: argparse.Namespace) -> None:
 
 
 def _bench_fusion(args: argparse.Namespace) -> None:
-    from export import bench_fusion  # onnxruntime, torch: imported only when it runs
+    from export.bench import (
+        fusion as bench_fusion,  # onnxruntime, torch: imported only when it runs
+    )
 
     bench_fusion.main(args)
 
 
 def _bench_scale(args: argparse.Namespace) -> None:
-    from model import bench_scale
+    from model.bench import scale as bench_scale
 
     bench_scale.main(args)
 
 
 def _bench(name: str, args: argparse.Namespace) -> None:
-    from model import bench_train
+    from model.bench import train as bench_train
 
     getattr(bench_train, name)(args)
 

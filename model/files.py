@@ -1,10 +1,8 @@
-"""Small torch-free helpers shared by training, export and the benchmarks."""
+"""Small torch-free helpers for the files that runs and exports read and write."""
 
 from __future__ import annotations
 
 import hashlib
-import json
-import platform
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -17,27 +15,6 @@ def sha256_file(path: str | Path, block: int = 1 << 20) -> str:
         while chunk := f.read(block):
             h.update(chunk)
     return h.hexdigest()
-
-
-def cpu_name() -> str:
-    """The CPU model name (from /proc/cpuinfo on Linux, else the platform's answer)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or ""
-
-
-def write_result(path: str | Path, result: dict[str, Any], table: str) -> dict[str, Any]:
-    """Write a benchmark's JSON to ``path`` and print its table; returns ``result``."""
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(table)
-    print(f"wrote {out}")
-    return result
 
 
 def file_info(paths: Iterable[str | Path]) -> list[dict[str, Any]]:

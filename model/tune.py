@@ -269,7 +269,7 @@ def confirm(data: Any, arch: str, level: str, best: dict[str, Any], default: dic
     ``seeds`` fresh seeds each (paired), valid AUC only. The best is kept only if the mean
     paired gain's 95% t-interval lies above 0; else the default is (a search's winner on a few
     seeds is often noise that does not carry over to test rows)."""
-    from model.bench_quality import mean_ci
+    from model.stats import mean_ci
 
     values: dict[str, list[float]] = {"best": [], "default": []}
     for k in range(seeds):

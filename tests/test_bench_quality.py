@@ -10,15 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from model.bench_quality import (
-    mean_ci,
-    mldcn_summary,
-    paired_difference,
-    summarise,
-    t_quantile,
-    verdict,
-)
+from model.bench.quality import mldcn_summary, summarise
 from model.cli import main
+from model.stats import mean_ci, paired_difference, t_quantile, verdict
 
 # --- statistics on a fixed example -------------------------------------------------------------
 

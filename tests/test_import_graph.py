@@ -94,3 +94,20 @@ def test_dependencies_point_one_way() -> None:
         (m, t) for m, targets in import_graph().items() if m not in CLI_ROOTS
         for t in targets if LAYER[t.split(".")[0]] > LAYER[m.split(".")[0]])
     assert upward == []
+
+
+BENCH_PACKAGES = ("model.bench", "export.bench")
+
+
+def _is_bench(module: str) -> bool:
+    return any(module == b or module.startswith(b + ".") for b in BENCH_PACKAGES) or (
+        module.startswith("loadtest."))
+
+
+def test_product_code_imports_no_benchmark() -> None:
+    """Benchmarks (model.bench, export.bench, and the load tests) sit apart: no product module
+    imports one; the command line only dispatches to them."""
+    graph = import_graph()
+    assert {"model.bench.quality", "export.bench.fusion", "model.bench.results"} <= set(graph)
+    product = [m for m in graph if not _is_bench(m) and m not in CLI_ROOTS]
+    assert sorted((m, t) for m in product for t in graph[m] if _is_bench(t)) == []

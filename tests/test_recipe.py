@@ -278,7 +278,7 @@ def test_bench_quality_with_pre_split_files_and_a_config(attribution, tmp_path) 
     # the same command resumes with nothing to do; another config is another study
     assert main(args) == 0
     config.write_text(json.dumps({"model": {"batch_norm": False}}))
-    from model import bench_quality
+    from model.bench import quality as bench_quality
     from model.cli import build_parser
 
     with pytest.raises(ValueError, match="other data or training settings"):

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from model.bench_scale import hashed_schema, train_measured
+from model.bench.scale import hashed_schema, train_measured
 from model.dataset import Shard, iter_batches
 from model.optim import RowWiseAdagrad, clip_grad_norm
 

@@ -12,7 +12,7 @@ rounds (so slow periods of a shared machine hit every setting alike):
   (``--embedding-optimizer``); peak RSS of the process (``ru_maxrss``) against the same run
   with 1,000 buckets, per table row, beside the model of model/optim.py's docstring.
 
-It prints a table and writes JSON with the machine description (``model.bench_train.machine``).
+It prints a table and writes JSON with the machine description (``model.bench.results``).
 """
 
 from __future__ import annotations
@@ -110,7 +110,8 @@ def table_memory(data: list[str], fmt: str, schema: dict[str, Any], buckets: int
 
 
 def main(args: Any) -> None:
-    from model.bench_train import _write, machine
+    from model.bench.results import write_result
+    from model.bench.train import machine
 
     data = list(args.data)
     data_args = ["--schema", args.schema] if args.schema else []
@@ -125,18 +126,20 @@ def main(args: Any) -> None:
             schema = json.loads(Path(args.memory_schema).read_text())
             mem = table_memory(list(args.memory_data), args.memory_format, schema, args.buckets,
                                args.arch, tmp)
-    print(f"\n{'setting':<48} {'ex/s':>10} {'speed-up':>9} {'valid AUC':>10}")
+    lines = [f"\n{'setting':<48} {'ex/s':>10} {'speed-up':>9} {'valid AUC':>10}"]
     for row in tp:
-        print(f"{row['setting']:<48} {row['median_examples_per_s']:>10,.0f} "
-              f"{row['speedup_vs_1x1']:>8.2f}x {row['valid_auc']:>10.4f}")
+        lines.append(f"{row['setting']:<48} {row['median_examples_per_s']:>10,.0f} "
+                     f"{row['speedup_vs_1x1']:>8.2f}x {row['valid_auc']:>10.4f}")
     if mem:
-        print(f"\n{'table optimiser':<18} {'buckets':>11} {'e':>3} {'peak MiB':>9} {'B/row':>7}")
+        lines.append(f"\n{'table optimiser':<18} {'buckets':>11} {'e':>3} {'peak MiB':>9} "
+                     f"{'B/row':>7}")
         for row in mem:
-            print(f"{row['embedding_optimizer']:<18} {row['buckets']:>11,} {row['embed_dim']:>3} "
-                  f"{row['peak_rss_bytes'] / 2**20:>9,.0f} {row['bytes_per_table_row']:>7.1f}")
-    _write(args.out, {"benchmark": "train-scale", "machine": machine(), "arch": args.arch,
-                      "preset": args.preset,
-                      "batch_size": args.batch_size, "epochs": args.epochs, "data": data,
-                      "throughput": tp, "table_memory": mem,
-                      "peak_rss_note": "ru_maxrss of the whole mldcn train process"})
-
+            lines.append(f"{row['embedding_optimizer']:<18} {row['buckets']:>11,} "
+                         f"{row['embed_dim']:>3} {row['peak_rss_bytes'] / 2**20:>9,.0f} "
+                         f"{row['bytes_per_table_row']:>7.1f}")
+    write_result(args.out, {"benchmark": "train-scale", "machine": machine(), "arch": args.arch,
+                            "preset": args.preset,
+                            "batch_size": args.batch_size, "epochs": args.epochs, "data": data,
+                            "throughput": tp, "table_memory": mem,
+                            "peak_rss_note": "ru_maxrss of the whole mldcn train process"},
+                 "\n".join(lines))

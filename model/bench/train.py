@@ -17,8 +17,6 @@ Both print a table and write JSON with the machine description.
 from __future__ import annotations
 
 import json
-import os
-import platform
 import resource
 import subprocess
 import sys
@@ -29,19 +27,14 @@ from typing import Any
 
 import numpy as np
 
+from model.bench import results
+
 
 def machine() -> dict[str, Any]:
+    """The machine, torch's version and its intra-op threads."""
     import torch
 
-    from model.files import cpu_name
-
-    return {
-        "cpu": cpu_name(),
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-    }
+    return results.machine("torch", torch_threads=torch.get_num_threads())
 
 
 def _epoch_pipeline(model, opt, shards, batch_size, rng) -> tuple[int, float]:
@@ -179,7 +172,7 @@ def memory(rows: int, factor: int, arch: str, level: str, cache: Path) -> dict[s
         if not (folder / "meta.json").is_file():
             write_synthetic(folder, rows=n, seed=1)
         size = sum(p.stat().st_size for p in folder.iterdir())
-        code = ("from model.bench_train import _one_epoch_child; "
+        code = ("from model.bench.train import _one_epoch_child; "
                 f"_one_epoch_child({str(folder)!r}, {arch!r}, {level!r})")
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
         if out.returncode != 0:
@@ -191,7 +184,6 @@ def memory(rows: int, factor: int, arch: str, level: str, cache: Path) -> dict[s
               f"peak RSS {r['peak_rss_mib']:7.1f} MiB  prepare {r['prepare_s']:6.1f}s  "
               f"epoch {r['train_epoch_s']:6.1f}s", flush=True)
     ratio = runs[1]["peak_rss_mib"] / runs[0]["peak_rss_mib"]
-    print(f"peak RSS ratio {factor}x / 1x: {ratio:.3f}")
     return {"benchmark": "train-memory", "arch": arch, "level": level, "factor": factor,
             "machine": machine(), "runs": runs, "peak_rss_ratio": ratio}
 
@@ -203,19 +195,13 @@ def main_throughput(args: Any) -> None:
 
     res = throughput(args.rows, args.repeats, args.batch_size, comma_list(args.archs),
                      comma_list(args.levels))
-    print(f"max pipeline overhead: {100 * res['max_overhead']:.1f}% (limit 30%)")
-    _write(args.out, res)
+    results.write_result(args.out, res,
+                         f"max pipeline overhead: {100 * res['max_overhead']:.1f}% (limit 30%)")
 
 
 def main_memory(args: Any) -> None:
     from model.synthetic import DEFAULT_CACHE
 
     res = memory(args.rows, args.factor, args.arch, args.level, DEFAULT_CACHE)
-    _write(args.out, res)
-
-
-def _write(path: str | None, res: dict[str, Any]) -> None:
-    if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(res, indent=2) + "\n")
-        print(f"wrote {path}")
+    results.write_result(args.out, res,
+                         f"peak RSS ratio {args.factor}x / 1x: {res['peak_rss_ratio']:.3f}")

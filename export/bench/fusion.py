@@ -27,16 +27,14 @@ actually runs after its optimisations. At each of ``profile_batches``,
 ``SessionOptions.enable_profiling`` gives the per-operator time of each graph of the issue
 configuration (1 thread, interleaved rounds, median per node).
 
-Writes JSON (``--out``) and the generated part of a markdown report (``--doc``, between
-``<!-- bench:begin -->`` and ``<!-- bench:end -->``; the text around the markers is kept).
+Writes JSON (``--out``) and its tables as a markdown file of their own (``--doc``,
+docs/bench/fusion.md, written whole; the analysis in docs/fusion.md is written by hand).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import re
 import shlex
 import sys
 import tempfile
@@ -46,6 +44,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from model.bench.results import machine as results_machine
+from model.bench.results import write_result
 
 GRAPHS: tuple[str, ...] = ("dcnv2", "dcnv2_nocat", "mldcn", "mldcn_fused")
 CONFIGS: dict[str, dict[str, Any]] = {
@@ -59,9 +60,6 @@ CONFIGS: dict[str, dict[str, Any]] = {
               "about": "Criteo layout, large preset (d = 429, L = 4)"},
 }
 IDS_PER_FIELD = 10_000
-BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
-
-
 def _nocat_dcnv2(model: Any) -> Any:
     """The DCNv2 control graph: ``model`` without the empty Concat and with a split head."""
     import torch
@@ -332,24 +330,6 @@ def _shape(args: dict[str, Any]) -> list[int] | None:
     return None
 
 
-def machine() -> dict[str, Any]:
-    """CPU model, cores, library versions."""
-    import platform
-
-    import onnxruntime as ort
-    import torch
-
-    from model.files import cpu_name
-
-    cpu = cpu_name()
-    try:
-        load = list(os.getloadavg())
-    except OSError:
-        load = None
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
-            "torch": torch.__version__, "onnxruntime": ort.__version__, "load_average": load}
-
-
 def run(
     configs: Sequence[str],
     batches: Sequence[int],
@@ -388,7 +368,7 @@ def run(
         "benchmark": "fusion",
         "command": "mldcn " + " ".join(shlex.quote(a) for a in sys.argv[1:])
         if Path(sys.argv[0]).name in ("mldcn", "__main__.py") else " ".join(sys.argv),
-        "machine": machine(),
+        "machine": results_machine("torch", "onnxruntime"),
         "settings": {"batches": list(batches), "threads": list(threads), "repeats": repeats,
                      "target_s": target_s, "ids_per_field": IDS_PER_FIELD,
                      "session": "CPUExecutionProvider, ORT_SEQUENTIAL, ORT_ENABLE_ALL, "
@@ -404,7 +384,7 @@ def _ops(counts: dict[str, int]) -> str:
 
 
 def markdown(report: dict[str, Any]) -> str:
-    """The generated part of docs/fusion.md."""
+    """The tables of docs/bench/fusion.md."""
     m = report["machine"]
     lines = [
         f"Command: `{report['command']}`",
@@ -498,19 +478,15 @@ def _profile_markdown(prof: dict[str, Any]) -> list[str]:
     return lines
 
 
-def write_doc(path: Path, generated: str) -> None:
-    """Replace the text between the bench markers of ``path`` (or create it with them)."""
-    block = f"{BEGIN}\n{generated}\n{END}"
-    if path.is_file():
-        text = path.read_text()
-        if BEGIN in text and END in text:
-            pattern = re.escape(BEGIN) + r".*?" + re.escape(END)
-            path.write_text(re.sub(pattern, lambda _: block, text, count=1, flags=re.S))
-            return
-        path.write_text(text.rstrip() + "\n\n" + block + "\n")
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("# ML-DCN fused inference graph: latency vs DCNv2\n\n" + block + "\n")
+DOC_TITLE = "# `mldcn bench fusion`: ML-DCN (plain, fused) vs DCNv2 ONNX Runtime latency"
+
+
+def document(generated: str) -> str:
+    """The whole report file (``--doc``, docs/bench/fusion.md): a title, a pointer to the
+    hand-written analysis (docs/fusion.md) and the generated tables."""
+    return (f"{DOC_TITLE}\n\nWritten whole by `mldcn bench fusion` (with "
+            "`docs/bench/fusion.json`); the analysis is in\n[`docs/fusion.md`](../fusion.md).\n\n"
+            + generated.strip("\n") + "\n")
 
 
 def _ints(text: str) -> list[int]:
@@ -534,9 +510,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError(f"--repeats must be >= 3, got {args.repeats}")
     report = run(configs, _ints(args.batches), _ints(args.threads), args.repeats,
                  args.target_s, _ints(args.profile_batches) if args.profile_batches else [])
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    write_doc(Path(args.doc), markdown(report))
-    print(f"wrote {out} and {args.doc} in {report['elapsed_s']:.0f}s")
-    return report
+    doc = Path(args.doc)
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    doc.write_text(document(markdown(report)))
+    return write_result(args.out, report, f"wrote {doc} in {report['elapsed_s']:.0f}s")
