@@ -65,18 +65,22 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from export.repository import (
+from export.meta import (
     BATCH_AXIS,
     EXTERNAL_DATA_FILE,
     INPUT_NAMES,
-    META_FILE,
+    META_FORMAT_VERSION,
     MODEL_FILE,
     OUTPUT_NAME,
+    ModelMeta,
+    io_spec,
+)
+from export.repository import (
+    META_FILE,
     RepositoryError,
     check_name,
     check_version,
     external_data_entry,
-    io_spec,
     publish,
     sha256_file,
     staging_dir,
@@ -615,7 +619,8 @@ def build_meta(
     parity: dict[str, Any],
     graph_form: str = "plain",
 ) -> dict[str, Any]:
-    """model.json for a staged model.onnx (see ``export.repository`` for the fields).
+    """model.json for a staged model.onnx, as the mapping :func:`write_meta` checks into a
+    ``ModelMeta`` (see ``export.meta`` for the fields).
 
     ``external_data`` describes the ``model.onnx.data`` beside ``onnx_path``, null if none."""
     cards, num_dense = run.cardinalities, run.num_dense
@@ -624,7 +629,7 @@ def build_meta(
     opset = next(o.version for o in graph_model.opset_import if o.domain in ("", "ai.onnx"))
     counts = op_counts(graph_model)
     return {
-        "format_version": 1,
+        "format_version": META_FORMAT_VERSION,
         "created_at": utc_now(),
         "model_file": MODEL_FILE,
         "sha256": sha256_file(onnx_path),
@@ -635,7 +640,6 @@ def build_meta(
         "outputs": outputs,
         "model": {"arch": run.config.arch, "config": run.config.to_dict(),
                   "cardinalities": cards, "num_dense": num_dense},
-        "schema": run.encoders.schema.to_dict(),
         "encoders": run.encoders.to_dict(),
         "cost": {"flops_per_example": flops.total, "matmul_flops_per_example": flops.matmul,
                  "params": flops.params},
@@ -658,7 +662,7 @@ class ExportResult:
     name: str
     version: int
     path: Path
-    meta: dict[str, Any]
+    meta: ModelMeta
 
 
 def export_run(
@@ -716,10 +720,10 @@ def export_run(
             f"{parity['max_abs_diff']:.2e} over {len(parity['checks'])} checks; validation AUC "
             f"{parity['auc_torch']:.4f} → {parity['auc_onnx']:.4f} "
             f"(change {parity['auc_change']:+.5f})")
-        meta = build_meta(run, graph_model, onnx_path, precision, parity, graph_form)
-        write_meta(staging / META_FILE, meta)
+        meta = write_meta(staging / META_FILE,
+                          build_meta(run, graph_model, onnx_path, precision, parity, graph_form))
         final = publish(staging, repo_path / name, version)
     number = int(final.name)
     log(f"exported {run.path} as {name} version {number} ({precision}) → {final} "
         f"in {time.perf_counter() - t0:.1f}s")
-    return ExportResult(name, number, final, json.loads((final / META_FILE).read_text()))
+    return ExportResult(name, number, final, meta)

@@ -1,5 +1,5 @@
-"""The model repository on disk: its layout, the ``model.json`` format, a reader and the writer's
-atomic-publish helpers. numpy and the numpy-only feature encoders only: no torch, no onnx
+"""The model repository on disk: its layout, a reader and the writer's atomic-publish helpers.
+numpy, pydantic and the numpy-only feature encoders only (``export.meta``): no torch, no onnx
 (``onnxruntime`` is imported only by :meth:`ModelVersion.open_session` and by
 ``ModelVersion.verify(check_graph=True)``), so the scoring service can import this module.
 
@@ -28,54 +28,8 @@ Visibility rules (servers and :class:`ModelRepository` follow them):
   or not at all. A dot folder left behind by a killed export is garbage, safe to delete when no
   export is running. Any other entry (files, other names) is ignored as well.
 
-``model.json`` (``META_FORMAT_VERSION`` 1), all keys always present except where said:
-
-format_version
-    1.
-created_at
-    UTC time of the export, ISO 8601 (``2025-01-31T12:00:00Z``).
-model_file, sha256, bytes
-    ``model.onnx``, its content hash (hex SHA-256) and size.
-external_data
-    null when the graph holds its own tensors (one protobuf file, which cannot exceed 2 GiB);
-    else ``{"file": "model.onnx.data", "sha256": <hex>, "bytes": <int>}``: the one external data
-    file beside model.onnx that holds its tensors (``mldcn export --external-data``; "auto" uses
-    it for graphs whose initializers pass 1 GiB), with its content hash and size. Files written
-    before this key existed lack it, stay valid, and mean null.
-precision
-    ``fp32``, or ``fp16`` (float16 inside the graph; inputs and output keep their types).
-inputs, outputs
-    One entry per tensor: ``name``, ``dtype`` (numpy name), ``datatype`` (KServe v2 name),
-    ``shape`` (``"batch"`` marks the dynamic axis), ``description``. The inputs are always
-    exactly ``cat_ids`` int64 (batch, F_cat) and ``dense`` float32 (batch, F_num), in that
-    order, even when F_cat or F_num is 0 (feed a (B, 0) array); the output is ``probability``
-    float32 (batch,) = sigmoid(logit).
-model
-    ``arch``, ``config`` (``ModelConfig.to_dict()``), ``cardinalities``, ``num_dense``.
-schema
-    The feature schema (``FeatureSchema.to_dict()``; equal to the encoders' schema).
-encoders
-    ``FeatureEncoders.to_dict()``: ``FeatureEncoders.from_dict(meta["encoders"])`` turns raw
-    request columns into the two inputs, with no torch.
-cost
-    ``flops_per_example``, ``matmul_flops_per_example``, ``params`` (``model.flops``).
-metrics
-    The run's training metrics: ``valid`` and ``test`` (auc, logloss, rows), ``bayes_auc``
-    (synthetic data, else null), ``epochs_run``, ``best_epoch``, ``train_examples_per_s``.
-parity
-    ONNX Runtime against PyTorch fp32 at export: ``provider``, ``precision``, ``tolerance``,
-    ``max_abs_diff``, ``checks`` (input kind, batch size, real rows, max abs diff each), and
-    the AUC on the validation rows (``auc_torch``, ``auc_onnx``, ``auc_change``).
-onnx
-    ``opset``, ``ir_version``, ``exporter`` and the torch/onnx/onnxruntime versions;
-    ``graph_form`` (``GRAPH_FORMS``: "plain", the model as trained, or "fused", ML-DCN's
-    inference form from ``model.fuse``), ``op_counts`` (nodes of model.onnx by op_type, Constant
-    nodes not counted) and ``node_count`` (their sum). Files written before these three keys
-    existed lack them and stay valid.
-source
-    The run folder and the SHA-256 of its checkpoint.
-
-Non-finite numbers are written as ``null`` (the file is strict JSON).
+``model.json`` is typed in :mod:`export.meta` (``ModelMeta``: every field, format version 2,
+version-1 files still load); :attr:`ModelVersion.meta` is one, parsed and checked.
 
 Example:
     >>> import tempfile
@@ -99,7 +53,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
-import math
 import os
 import re
 import secrets
@@ -111,32 +64,21 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from export.meta import (
+    DTYPES,
+    EXTERNAL_DATA_FILE,
+    MODEL_FILE,
+    MetaError,
+    ModelMeta,
+    json_safe,
+)
 from model.checks import check_sizes
 from model.encoders import FeatureEncoders
 from model.files import sha256_file
-from model.schema import SchemaError
 
-MODEL_FILE = "model.onnx"
-EXTERNAL_DATA_FILE = MODEL_FILE + ".data"  # the tensors of a graph stored with external data
-EXTERNAL_DATA_KEYS: tuple[str, ...] = ("file", "sha256", "bytes")
 META_FILE = "model.json"
-META_FORMAT_VERSION = 1
 STAGING_PREFIX = ".export-"
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-PRECISIONS: tuple[str, ...] = ("fp32", "fp16")
-GRAPH_FORMS: tuple[str, ...] = ("plain", "fused")
-BATCH_AXIS = "batch"
-INPUT_NAMES: tuple[str, str] = ("cat_ids", "dense")
-OUTPUT_NAME = "probability"
-# numpy dtype name -> (ONNX Runtime type string, KServe v2 datatype)
-DTYPES: dict[str, tuple[str, str]] = {
-    "int64": ("tensor(int64)", "INT64"),
-    "float32": ("tensor(float)", "FP32"),
-}
-META_KEYS: tuple[str, ...] = (
-    "format_version", "created_at", "model_file", "sha256", "bytes", "precision", "inputs",
-    "outputs", "model", "schema", "encoders", "cost", "metrics", "parity", "onnx", "source",
-)
 
 
 class RepositoryError(ValueError):
@@ -174,94 +116,13 @@ def parse_version(folder_name: str) -> int | None:
     return number if number >= 1 and str(number) == folder_name else None
 
 
-def io_spec(num_cat: int, num_dense: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """The (inputs, outputs) entries of model.json for a layout of F_cat and F_num fields.
-
-    Example:
-        >>> inputs, outputs = io_spec(26, 13)
-        >>> [(i["name"], i["dtype"], i["shape"]) for i in inputs]
-        [('cat_ids', 'int64', ['batch', 26]), ('dense', 'float32', ['batch', 13])]
-        >>> outputs[0]["name"], outputs[0]["datatype"], outputs[0]["shape"]
-        ('probability', 'FP32', ['batch'])
-    """
-
-    def entry(name: str, dtype: str, shape: list[Any], description: str) -> dict[str, Any]:
-        return {"name": name, "dtype": dtype, "datatype": DTYPES[dtype][1], "shape": shape,
-                "description": description}
-
-    inputs = [
-        entry(INPUT_NAMES[0], "int64", [BATCH_AXIS, num_cat],
-              "one id per categorical field in schema order, column j in "
-              "[0, cardinalities[j]); 0 is the missing/out-of-vocabulary id"),
-        entry(INPUT_NAMES[1], "float32", [BATCH_AXIS, num_dense],
-              "numeric fields in schema order, transformed, clipped and standardised by the "
-              "encoders"),
-    ]
-    outputs = [entry(OUTPUT_NAME, "float32", [BATCH_AXIS],
-                     "click probability per row, sigmoid(logit)")]
-    return inputs, outputs
-
-
 def utc_now() -> str:
     """The current UTC time as ISO 8601 with a ``Z`` suffix, to the second."""
     return datetime.now(timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
-def json_safe(value: Any) -> Any:
-    """``value`` with NaN and ±inf replaced by None, so that it serialises as strict JSON."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, Mapping):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    return value
-
-
 def _fail(path: Path, problem: str) -> RepositoryError:
     return RepositoryError(f"{path}: {problem}")
-
-
-def _check_graph_keys(info: dict[str, Any], where: Path) -> None:
-    """``onnx.graph_form``, ``op_counts`` and ``node_count``: optional, consistent if present."""
-    form = info.get("graph_form")
-    if form is not None and form not in GRAPH_FORMS:
-        raise _fail(where, f"onnx.graph_form must be one of {GRAPH_FORMS}, got {form!r}")
-    counts = info.get("op_counts")
-    if counts is None:
-        return
-    if not isinstance(counts, dict) or not all(
-        isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 0
-        for k, v in counts.items()
-    ):
-        raise _fail(where, "onnx.op_counts must map op types to counts >= 0")
-    if info.get("node_count") != sum(counts.values()):
-        raise _fail(where, f"onnx.node_count {info.get('node_count')!r} is not the sum of "
-                           f"onnx.op_counts ({sum(counts.values())})")
-
-
-def _is_sha256(value: Any) -> bool:
-    return isinstance(value, str) and re.fullmatch(r"[0-9a-f]{64}", value) is not None
-
-
-def _check_external_data(entry: Any, where: Path) -> None:
-    """``external_data``: optional; null, or exactly file (``EXTERNAL_DATA_FILE``), sha256 and
-    bytes."""
-    if entry is None:
-        return
-    if not isinstance(entry, dict) or sorted(entry) != sorted(EXTERNAL_DATA_KEYS):
-        got = sorted(entry) if isinstance(entry, dict) else type(entry).__name__
-        raise _fail(where, f"external_data must be null or an object with keys "
-                           f"{list(EXTERNAL_DATA_KEYS)}, got {got}")
-    if entry["file"] != EXTERNAL_DATA_FILE:
-        raise _fail(where, f"external_data.file must be {EXTERNAL_DATA_FILE!r}, got "
-                           f"{entry['file']!r}")
-    if not _is_sha256(entry["sha256"]):
-        raise _fail(where, f"external_data.sha256 must be 64 lowercase hex digits, got "
-                           f"{entry['sha256']!r}")
-    size = entry["bytes"]
-    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
-        raise _fail(where, f"external_data.bytes must be an integer >= 0, got {size!r}")
 
 
 def external_data_entry(folder: Path) -> dict[str, Any] | None:
@@ -285,64 +146,13 @@ def external_data_entry(folder: Path) -> dict[str, Any] | None:
             "bytes": path.stat().st_size}
 
 
-def validate_meta(meta: Any, where: Path) -> dict[str, Any]:
-    """Check a parsed model.json's structure and internal consistency; return it.
-
-    Consistent means: every key of ``META_KEYS`` is there; the encoders parse, their schema is
-    ``schema``, their layout is ``model.cardinalities`` / ``model.num_dense``; ``inputs`` and
-    ``outputs`` are exactly ``io_spec`` of that layout (names, dtypes and shapes); where
-    ``onnx.graph_form`` / ``onnx.op_counts`` are present, the form is one of ``GRAPH_FORMS`` and
-    ``onnx.node_count`` is the counts' sum; ``external_data``, where present and not null, names
-    ``EXTERNAL_DATA_FILE`` with a SHA-256 and a size. Raises RepositoryError naming ``where`` and
-    the problem.
-    """
-    if not isinstance(meta, dict):
-        raise _fail(where, "is not a JSON object")
-    if meta.get("format_version") != META_FORMAT_VERSION:
-        raise _fail(where, f"format_version {meta.get('format_version')!r} is not supported "
-                           f"(expected {META_FORMAT_VERSION})")
-    missing = [k for k in META_KEYS if k not in meta]
-    if missing:
-        raise _fail(where, f"missing keys {missing}")
-    if meta["precision"] not in PRECISIONS:
-        raise _fail(where, f"precision must be one of {PRECISIONS}, got {meta['precision']!r}")
-    if meta["model_file"] != MODEL_FILE:
-        raise _fail(where, f"model_file must be {MODEL_FILE!r}, got {meta['model_file']!r}")
-    sha = meta["sha256"]
-    if not _is_sha256(sha):
-        raise _fail(where, f"sha256 must be 64 lowercase hex digits, got {sha!r}")
-    _check_external_data(meta.get("external_data"), where)
+def validate_meta(meta: Any, where: Path) -> ModelMeta:
+    """A parsed model.json (format version 1 or 2) as a checked :class:`ModelMeta`
+    (``ModelMeta.parse``); RepositoryError naming ``where``, the field and the problem."""
     try:
-        encoders = FeatureEncoders.from_dict(meta["encoders"])
-    except (SchemaError, AttributeError, TypeError) as e:
-        raise _fail(where, f"encoders are not valid: {e}") from None
-    if encoders.schema.to_dict() != meta["schema"]:
-        raise _fail(where, "schema disagrees with the encoders' schema")
-    for key in ("cost", "metrics", "parity", "onnx", "source"):
-        if not isinstance(meta[key], dict):
-            raise _fail(where, f"{key} must be an object, got {type(meta[key]).__name__}")
-    _check_graph_keys(meta["onnx"], where)
-    model = meta["model"]
-    if not isinstance(model, dict) or not {"arch", "config", "cardinalities", "num_dense"} <= set(
-        model
-    ):
-        raise _fail(where, "model must have arch, config, cardinalities and num_dense")
-    if model["cardinalities"] != encoders.cardinalities or model["num_dense"] != encoders.num_dense:
-        raise _fail(
-            where,
-            f"encoders give cardinalities {encoders.cardinalities} and {encoders.num_dense} dense "
-            f"features, model says {model['cardinalities']} and {model['num_dense']}",
-        )
-    inputs, outputs = io_spec(len(encoders.cardinalities), encoders.num_dense)
-    for key, want in (("inputs", inputs), ("outputs", outputs)):
-        got = meta[key]
-        summary = [(t.get("name"), t.get("dtype"), t.get("shape")) for t in got] if isinstance(
-            got, list) and all(isinstance(t, dict) for t in got) else got
-        expected = [(t["name"], t["dtype"], t["shape"]) for t in want]
-        if summary != expected:
-            raise _fail(where, f"{key} {summary} disagree with the feature layout: expected "
-                               f"{expected}")
-    return meta
+        return ModelMeta.parse(meta)
+    except MetaError as e:
+        raise _fail(where, str(e)) from None
 
 
 def _check_file(path: Path, size: int, digest: str, entry: str = "") -> None:
@@ -383,8 +193,8 @@ class ModelVersion:
     @property
     def external_data_path(self) -> Path | None:
         """``<version folder>/model.onnx.data`` if model.json says the graph uses it, else None."""
-        entry = self.meta.get("external_data")
-        return None if entry is None else self.path / entry["file"]
+        entry = self.meta.external_data
+        return None if entry is None else self.path / entry.file
 
     @property
     def meta_path(self) -> Path:
@@ -392,8 +202,8 @@ class ModelVersion:
         return self.path / META_FILE
 
     @cached_property
-    def meta(self) -> dict[str, Any]:
-        """The parsed and structurally checked model.json (RepositoryError if unusable)."""
+    def meta(self) -> ModelMeta:
+        """The parsed and checked model.json (RepositoryError if unusable)."""
         try:
             text = self.meta_path.read_text()
         except OSError as e:
@@ -404,25 +214,10 @@ class ModelVersion:
             raise _fail(self.meta_path, f"is not valid JSON: {e}") from None
         return validate_meta(data, self.meta_path)
 
-    @cached_property
+    @property
     def encoders(self) -> FeatureEncoders:
         """The fitted feature encoders: raw request columns → (cat_ids, dense)."""
-        return FeatureEncoders.from_dict(self.meta["encoders"])
-
-    @property
-    def precision(self) -> str:
-        """``fp32`` or ``fp16``."""
-        return str(self.meta["precision"])
-
-    @property
-    def inputs(self) -> list[dict[str, Any]]:
-        """model.json's input tensors (name, dtype, datatype, shape, description)."""
-        return list(self.meta["inputs"])
-
-    @property
-    def outputs(self) -> list[dict[str, Any]]:
-        """model.json's output tensors."""
-        return list(self.meta["outputs"])
+        return self.meta.feature_encoders
 
     def open_session(
         self, providers: tuple[str, ...] = ("CPUExecutionProvider",), options: Any = None
@@ -458,15 +253,15 @@ class ModelVersion:
             for key, tensors in (("inputs", session.get_inputs()),
                                  ("outputs", session.get_outputs())):
                 got = [(t.name, t.type, list(t.shape)) for t in tensors]
-                want = [(t["name"], DTYPES[t["dtype"]][0], t["shape"]) for t in meta[key]]
+                want = [(t.name, DTYPES[t.dtype][0], t.shape) for t in getattr(meta, key)]
                 if got != want:
                     raise _fail(self.onnx_path, f"graph {key} {got} do not match {META_FILE}'s "
                                                 f"{want}")
         return self
 
-    def _check_files(self, meta: dict[str, Any]) -> None:
+    def _check_files(self, meta: ModelMeta) -> None:
         """model.onnx and its external data file against model.json's sizes and hashes."""
-        _check_file(self.onnx_path, meta["bytes"], meta["sha256"])
+        _check_file(self.onnx_path, meta.bytes, meta.sha256)
         data_path = self.external_data_path
         if data_path is None:
             stray = self.path / EXTERNAL_DATA_FILE  # ONNX Runtime would read it, unchecked
@@ -477,8 +272,9 @@ class ModelVersion:
             if not data_path.is_file():
                 raise _fail(data_path, f"is missing ({META_FILE}'s external_data says the graph's "
                                        "tensors are stored there)")
-            entry = meta["external_data"]
-            _check_file(data_path, entry["bytes"], entry["sha256"], "external_data")
+            entry = meta.external_data
+            assert entry is not None
+            _check_file(data_path, entry.bytes, entry.sha256, "external_data")
 
     def summary(self) -> dict[str, Any]:
         """One row for listings: name, version, arch, precision, FLOPs, AUC, parity, created."""
@@ -486,14 +282,14 @@ class ModelVersion:
         return {
             "name": self.name,
             "version": self.version,
-            "arch": meta["model"]["arch"],
-            "precision": meta["precision"],
-            "flops_per_example": meta["cost"].get("flops_per_example"),
-            "params": meta["cost"].get("params"),
-            "valid_auc": (meta["metrics"].get("valid") or {}).get("auc"),
-            "test_auc": (meta["metrics"].get("test") or {}).get("auc"),
-            "parity_max_abs_diff": meta["parity"].get("max_abs_diff"),
-            "created_at": meta["created_at"],
+            "arch": meta.model.arch,
+            "precision": meta.precision,
+            "flops_per_example": meta.cost.flops_per_example,
+            "params": meta.cost.params,
+            "valid_auc": (meta.metrics.get("valid") or {}).get("auc"),
+            "test_auc": (meta.metrics.get("test") or {}).get("auc"),
+            "parity_max_abs_diff": meta.parity.get("max_abs_diff"),
+            "created_at": meta.created_at,
         }
 
 
@@ -619,8 +415,9 @@ def publish(staging: Path, model_dir: Path, version: int | None = None, attempts
     raise RepositoryError(f"{model_dir}: could not claim a new version number in {attempts} tries")
 
 
-def write_meta(path: Path, meta: dict[str, Any]) -> None:
-    """Write model.json (strict JSON, non-finite numbers as null) after ``validate_meta``."""
-    safe = json_safe(meta)
-    validate_meta(safe, path)
-    path.write_text(json.dumps(safe, indent=2, allow_nan=False) + "\n")
+def write_meta(path: Path, meta: ModelMeta | Mapping[str, Any]) -> ModelMeta:
+    """Write model.json (strict JSON, non-finite numbers as null); a mapping is checked as
+    :class:`ModelMeta` first (RepositoryError naming ``path``). Returns what was written."""
+    typed = meta if isinstance(meta, ModelMeta) else validate_meta(json_safe(dict(meta)), path)
+    path.write_text(typed.to_json())
+    return typed

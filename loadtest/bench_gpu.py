@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from export.meta import ModelMeta
 from model.bench.results import machine, write_result
 from model.errors import CLIError
 
@@ -72,13 +73,13 @@ def _make_repo(tmp: Path, level: str) -> tuple[Path, list[str]]:
     return tmp / "models", names
 
 
-def _rows(meta: dict[str, Any], n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def _rows(meta: ModelMeta, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """``n`` encoded rows with ids drawn from each field's cardinality."""
     rng = np.random.default_rng(seed + n)
-    cards = meta["model"]["cardinalities"]
+    cards = meta.model.cardinalities
     cat = np.stack([rng.integers(0, c, n) for c in cards], axis=1).astype(np.int64) if cards \
         else np.zeros((n, 0), np.int64)
-    dense = rng.lognormal(0.0, 1.0, (n, meta["model"]["num_dense"])).astype(np.float32)
+    dense = rng.lognormal(0.0, 1.0, (n, meta.model.num_dense)).astype(np.float32)
     return cat, dense
 
 
@@ -200,12 +201,12 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                 settings = _settings(repo, name, provider, graphs, max_rows)
                 timings, m = _in_process(mv, settings, sizes, args.requests)
                 parity = _parity(mv, m, sizes)
-                tolerance = FP32_PARITY if mv.precision == "fp32" else float(
-                    mv.meta["parity"]["tolerance"])
+                tolerance = FP32_PARITY if mv.meta.precision == "fp32" else float(
+                    mv.meta.parity["tolerance"])
                 row: dict[str, Any] = {
-                    "model": name, "version": mv.version, "arch": mv.meta["model"]["arch"],
-                    "precision": mv.precision,
-                    "flops_per_example": mv.meta["cost"]["flops_per_example"],
+                    "model": name, "version": mv.version, "arch": mv.meta.model.arch,
+                    "precision": mv.meta.precision,
+                    "flops_per_example": mv.meta.cost.flops_per_example,
                     "provider": m.provider, "cuda_graphs": m.cuda_graphs,
                     "cuda_graphs_requested": graphs, "buckets": list(m.buckets),
                     "parity_vs_cpu_max_abs_diff": parity, "parity_tolerance": tolerance,

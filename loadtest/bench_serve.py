@@ -58,6 +58,7 @@ from typing import Any
 
 import numpy as np
 
+from export.meta import ModelMeta
 from loadtest import promscrape
 from loadtest.openloop import (
     RequestSpec,
@@ -90,16 +91,15 @@ SATURATION_BUDGET_MS = 1000.0
 
 
 # -- requests -----------------------------------------------------------------------------------
-def request_pool(meta: dict[str, Any], model: str, server: str, candidates: int, size: int,
+def request_pool(meta: ModelMeta, model: str, server: str, candidates: int, size: int,
                  seed: int) -> list[RequestSpec]:
     """``size`` requests of ``candidates`` candidates for ``server`` (the same bodies, in the
     form that server takes)."""
     from loadtest.peers import bodies
-    from model.encoders import FeatureEncoders
 
-    sampler = RequestSampler(meta, CandidateCounts(candidates, 0.0, candidates))
+    sampler = RequestSampler(meta.encoders, CandidateCounts(candidates, 0.0, candidates))
     rng = np.random.default_rng(seed)
-    encoders = FeatureEncoders.from_dict(meta["encoders"])
+    encoders = meta.feature_encoders
     out = []
     for _ in range(size):
         body = sampler.body(rng, candidates)
@@ -346,12 +346,12 @@ def run(repo: Path, models: dict[str, str], servers: Sequence[str], opts: argpar
     for size, name in models.items():
         mv = ModelRepository(repo).load_version(name)
         meta = mv.meta
-        cards, num_dense = meta["model"]["cardinalities"], meta["model"]["num_dense"]
+        cards, num_dense = meta.model.cardinalities, meta.model.num_dense
         ort = ort_ms(mv.onnx_path, cards, num_dense, opts.candidates, server_cores)
         capacity = 1e3 / ort
         entry: dict[str, Any] = {
-            "model": name, "arch": meta["model"]["arch"],
-            "flops_per_example": meta["cost"]["flops_per_example"], "ort_ms": ort,
+            "model": name, "arch": meta.model.arch,
+            "flops_per_example": meta.cost.flops_per_example, "ort_ms": ort,
             "ort_capacity_rps": capacity, "servers": {}}
         result["models"][size] = entry
         rates = [round(f * capacity, 1) for f in opts.rates]

@@ -21,7 +21,10 @@ import argparse
 import shlex
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from export.meta import ModelMeta
 
 DEFAULT_STEPS = "10,20,40,80,120,160"
 
@@ -231,26 +234,27 @@ def server_model(url: str, model: str) -> dict[str, Any]:
     return body
 
 
-def model_meta_for(args: argparse.Namespace, served: dict[str, Any]) -> dict[str, Any]:
+def model_meta_for(args: argparse.Namespace, served: dict[str, Any]) -> ModelMeta:
     """model.json of the served model, from --model-json or --repo; checked against the server.
     """
     import json
 
+    from export.meta import MetaError, ModelMeta
     from loadtest.runner import LoadTestError
 
     if args.model_json:
         try:
-            meta = json.loads(Path(args.model_json).read_text())
-        except (OSError, ValueError) as e:
-            raise LoadTestError(f"cannot read --model-json {args.model_json}: {e}") from None
+            meta = ModelMeta.parse(json.loads(Path(args.model_json).read_text()))
+        except (OSError, ValueError) as e:  # MetaError is a ValueError
+            raise LoadTestError(f"cannot use --model-json {args.model_json}: {e}") from None
     elif args.repo:
         from export.repository import ModelRepository, RepositoryError
 
         versions = served.get("versions") or []
         version = int(versions[0]) if versions and str(versions[0]).isdigit() else None
         try:
-            meta = dict(ModelRepository(args.repo).load_version(args.model, version).meta)
-        except (RepositoryError, OSError, ValueError) as e:
+            meta = ModelRepository(args.repo).load_version(args.model, version).meta
+        except (RepositoryError, MetaError, OSError, ValueError) as e:
             raise LoadTestError(str(e)) from None
     else:
         raise LoadTestError(
@@ -259,10 +263,7 @@ def model_meta_for(args: argparse.Namespace, served: dict[str, Any]) -> dict[str
             "served version's model.json) or --repo MODELS_DIR")
     want = (served.get("parameters") or {}).get("features")
     if isinstance(want, dict):
-        try:
-            fields = meta["encoders"]["schema"]["fields"]
-        except (KeyError, TypeError):
-            raise LoadTestError("the model.json given has no encoders") from None
+        fields = meta.schema["fields"]
         have = {side: [f["name"] for f in fields if f.get("side", "candidate") == side]
                 for side in ("user", "context", "candidate")}
         if {k: sorted(v) for k, v in have.items()} != {k: sorted(want.get(k, []))

@@ -53,11 +53,15 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from loadtest.outcomes import MAX_UNSERVED_SHARE
 from loadtest.runner import LoadTestError, measure_step, serve, split_cores
 from loadtest.sampling import CandidateCounts, RequestSampler, write_pool
+
+if TYPE_CHECKING:
+    from export.meta import ModelMeta
+    from export.repository import ModelVersion
 from loadtest.shapes import ArrivalSchedule, bursts, constant
 
 NEUTRAL_TOLERANCE = 0.05  # ratios within ±5% read as "the same cost"
@@ -116,12 +120,12 @@ class LoadOptions:
         return ArrivalSchedule(tuple((d, r * rate_rps / mean) for d, r in unit.stages))
 
 
-def make_pool(meta: dict[str, Any], opts: LoadOptions, path: Path,
+def make_pool(meta: ModelMeta, opts: LoadOptions, path: Path,
               model: str | None = None) -> dict[str, Any]:
     """Write the request pool for a model; return its description for the report."""
     try:
         sampler = RequestSampler(
-            meta, CandidateCounts(opts.median_candidates, opts.sigma, opts.max_candidates),
+            meta.encoders, CandidateCounts(opts.median_candidates, opts.sigma, opts.max_candidates),
             oov_share=opts.oov_share, model=model)
     except ValueError as e:
         raise LoadTestError(str(e)) from None
@@ -332,22 +336,21 @@ def comparison(base: list[dict[str, Any]], cand: list[dict[str, Any]],
     }
 
 
-def _model_meta(repo: Path, name: str) -> dict[str, Any]:
+def _model_version(repo: Path, name: str) -> ModelVersion:
     from export.repository import ModelRepository, RepositoryError
 
     try:
         version = ModelRepository(repo).load_version(name)
-        return {**version.meta, "version": version.version}
+        version.meta  # noqa: B018 (parsed and checked now: LoadTestError, not later)
+        return version
     except (RepositoryError, OSError, ValueError) as e:
         raise LoadTestError(str(e)) from None
 
 
-def _cost(meta: dict[str, Any]) -> dict[str, Any]:
-    cost = meta.get("cost", {})
-    return {"arch": meta.get("model", {}).get("arch"),
-            "flops_per_example": cost.get("flops_per_example"), "params": cost.get("params"),
-            "precision": meta.get("precision"),
-            "valid_auc": (meta.get("metrics", {}).get("valid") or {}).get("auc")}
+def _cost(meta: ModelMeta) -> dict[str, Any]:
+    return {"arch": meta.model.arch, "flops_per_example": meta.cost.flops_per_example,
+            "params": meta.cost.params, "precision": meta.precision,
+            "valid_auc": (meta.metrics.get("valid") or {}).get("auc")}
 
 
 def environment(server_cores: list[int], client_cores: list[int]) -> dict[str, Any]:
@@ -371,7 +374,8 @@ def run_compare(repo: Path, models: list[str], opts: LoadOptions, repeats: int, 
                             f"got {models}")
     if repeats < 1:
         raise LoadTestError(f"--repeats must be >= 1, got {repeats}")
-    metas = {m: _model_meta(repo, m) for m in models}
+    versions = {m: _model_version(repo, m) for m in models}
+    metas = {m: v.meta for m, v in versions.items()}
     out.mkdir(parents=True, exist_ok=True)
     raw = out / "raw"
     raw.mkdir(exist_ok=True)
@@ -392,7 +396,7 @@ def run_compare(repo: Path, models: list[str], opts: LoadOptions, repeats: int, 
         "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "baseline": models[0], "candidate": models[1], "repeats": repeats,
         "options": asdict(opts), "environment": env,
-        "models": {m: {**_cost(metas[m]), "version": metas[m].get("version"),
+        "models": {m: {**_cost(metas[m]), "version": versions[m].version,
                        "pool": pools[m]} for m in models},
         "runs": runs,
     })
@@ -448,7 +452,7 @@ def _fmt(v: float | None) -> str:
     return "-" if v is None else f"{v:.1f}"
 
 
-def run_single(url: str, model: str, meta: dict[str, Any], opts: LoadOptions, out: Path,
+def run_single(url: str, model: str, meta: ModelMeta, opts: LoadOptions, out: Path,
                log: Callable[[str], None] = print, server_info: dict[str, Any] | None = None,
                include_model_field: bool = True, command: str | None = None
                ) -> dict[str, Any]:

@@ -79,20 +79,20 @@ def invert_transform(kind: str, t: np.ndarray) -> np.ndarray:
 
 
 class RequestSampler:
-    """Draws /v1/score bodies for one model from its ``model.json`` (schema + encoders)."""
+    """Draws /v1/score bodies for one model from its fitted encoders (``ModelMeta.encoders``,
+    the feature schema included)."""
 
-    def __init__(self, meta: Mapping[str, Any], counts: CandidateCounts | None = None,
+    def __init__(self, encoders: Mapping[str, Any], counts: CandidateCounts | None = None,
                  oov_share: float = 0.02, zipf_s: float = 1.1, hash_values: int = 10_000,
                  model: str | None = None) -> None:
         if not 0.0 <= oov_share < 1.0:
             raise ValueError(f"oov_share must be in [0, 1), got {oov_share}")
         try:
-            encoders = meta["encoders"]
             fields = encoders["schema"]["fields"]
             cat = {e["name"]: e for e in encoders["categorical"]}
             num = {e["name"]: e for e in encoders["numeric"]}
         except (KeyError, TypeError) as e:
-            raise ValueError(f"model.json has no usable 'encoders' ({type(e).__name__}: {e})"
+            raise ValueError(f"the encoders are not usable ({type(e).__name__}: {e})"
                              ) from None
         self.fields: list[dict[str, Any]] = list(fields)
         self.cat, self.num = cat, num

@@ -41,7 +41,7 @@ from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from export.repository import INPUT_NAMES
+from export.meta import INPUT_NAMES
 from model.schema import FieldSpec
 from service.admin import get_service, make_admin_router
 from service.edge import Edge, warm_route
@@ -298,11 +298,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     def metadata(svc: ScoringService, name: str, version: str | None) -> ModelMetadata:
         m = svc.registry.lookup(name, version)
-        shape = [{"name": t["name"], "datatype": t["datatype"],
-                  "shape": [-1 if d == "batch" else d for d in t["shape"]]}
-                 for t in m.meta["inputs"]]
-        outputs = [{"name": t["name"], "datatype": t["datatype"], "shape": [-1]}
-                   for t in m.meta["outputs"]]
+        shape = [{"name": t.name, "datatype": t.datatype,
+                  "shape": [-1 if d == "batch" else d for d in t.shape]}
+                 for t in m.meta.inputs]
+        outputs = [{"name": t.name, "datatype": t.datatype, "shape": [-1]}
+                   for t in m.meta.outputs]
         schema = m.encoder.encoders.schema
         return ModelMetadata(
             name=m.name, versions=[str(m.version)], inputs=shape, outputs=outputs,
@@ -319,7 +319,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     for f in schema.fields],
                 "arm": m.name in dict(svc.arms),
                 "shadow": m.name == svc.settings.shadow_model,
-                "metrics": m.meta.get("metrics", {}),
+                "metrics": m.meta.metrics,
                 "serving": dataclasses.asdict(svc.registry.get(m.name).config),
             })
 

@@ -28,7 +28,7 @@ import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from export.repository import INPUT_NAMES
+from export.meta import INPUT_NAMES
 from service import kserve
 from service.errors import CLIENT_CLOSED, ClientDisconnected, ServiceError, error_body, v2_body
 from service.metrics import Metrics

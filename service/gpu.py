@@ -28,7 +28,7 @@ from collections.abc import Sequence
 import numpy as np
 import onnxruntime as ort
 
-from export.repository import INPUT_NAMES, OUTPUT_NAME
+from export.meta import INPUT_NAMES, OUTPUT_NAME
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"

@@ -61,7 +61,7 @@ from typing import Any
 
 import numpy as np
 
-from export.repository import INPUT_NAMES, OUTPUT_NAME
+from export.meta import INPUT_NAMES, OUTPUT_NAME
 from service.encode import RequestError
 from service.errors import ServiceError
 from service.models import Encode, ServedModel

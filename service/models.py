@@ -25,13 +25,8 @@ from typing import Any, TypeVar
 import numpy as np
 import onnxruntime as ort
 
-from export.repository import (
-    BATCH_AXIS,
-    INPUT_NAMES,
-    OUTPUT_NAME,
-    ModelRepository,
-    ModelVersion,
-)
+from export.meta import BATCH_AXIS, INPUT_NAMES, OUTPUT_NAME, ModelMeta
+from export.repository import ModelRepository, ModelVersion
 from service.batcher import lower_thread_priority
 from service.buckets import BucketedRunner, active_buckets
 from service.encode import RequestEncoder
@@ -80,7 +75,7 @@ class ServedModel:
 
     name: str
     version: int
-    meta: dict[str, Any]
+    meta: ModelMeta
     session: ort.InferenceSession
     encoder: RequestEncoder
     provider: str
@@ -93,15 +88,15 @@ class ServedModel:
 
     @property
     def precision(self) -> str:
-        return str(self.meta["precision"])
+        return self.meta.precision
 
     @property
     def arch(self) -> str:
-        return str(self.meta["model"]["arch"])
+        return self.meta.model.arch
 
     @property
     def flops_per_example(self) -> float:
-        return float(self.meta["cost"].get("flops_per_example") or 0.0)
+        return float(self.meta.cost.flops_per_example or 0.0)
 
     def run(self, cat_ids: np.ndarray, dense: np.ndarray) -> np.ndarray:
         """Probabilities (B,) float32 for encoded rows (thread-safe; releases the GIL)."""

@@ -24,6 +24,7 @@ import torch
 
 from export import exporter
 from export.exporter import ExportError, ParityError, export_run
+from export.meta import ModelMeta
 from export.repository import ModelRepository, RepositoryError, sha256_file
 from model.cli import main
 from model.config import ModelConfig
@@ -96,25 +97,25 @@ def _visible(repo: Path) -> list[tuple[str, int]]:
     return [(v.name, v.version) for v in ModelRepository(repo).list()] if repo.exists() else []
 
 
-def _check_export(run: Path, repo: Path, name: str) -> dict:
+def _check_export(run: Path, repo: Path, name: str) -> ModelMeta:
     """Export ``run`` and check what every export must satisfy; return model.json."""
     result = export_run(run, repo, name, log=_quiet)
     mv = ModelRepository(repo).load_version(name)
     assert (mv.version, mv.path) == (result.version, result.path)
     mv.verify()
     meta = mv.meta
-    parity = meta["parity"]
+    parity = meta.parity
     assert parity["precision"] == "fp32" and parity["tolerance"] == 1e-5
     assert parity["max_abs_diff"] <= 1e-5
     kinds = {(c["inputs"], c["batch_size"]) for c in parity["checks"]}
     assert {("random", b) for b in SIZES} | {("valid", b) for b in SIZES} <= kinds
     assert {"raw_rows", "valid_all"} <= {c["inputs"] for c in parity["checks"]}
     _, cfg, encoders, metrics = load_run(run)
-    assert meta["model"]["config"] == cfg.to_dict()
-    assert meta["cost"]["flops_per_example"] == metrics["flops_per_example"]
-    assert meta["cost"]["params"] == metrics["params"]
-    assert meta["onnx"]["opset"] == 17
-    assert FeatureEncoders.from_dict(meta["encoders"]).to_dict() == encoders.to_dict()
+    assert meta.model.config == cfg.to_dict()
+    assert meta.cost.flops_per_example == metrics["flops_per_example"]
+    assert meta.cost.params == metrics["params"]
+    assert meta.onnx.opset == 17
+    assert FeatureEncoders.from_dict(meta.encoders).to_dict() == encoders.to_dict()
     # the graph itself: named inputs/outputs, dynamic batch, probabilities in (0, 1)
     session = ort.InferenceSession(str(mv.onnx_path), providers=["CPUExecutionProvider"])
     assert [(i.name, i.type, i.shape) for i in session.get_inputs()] == [
@@ -135,7 +136,7 @@ def _check_export(run: Path, repo: Path, name: str) -> dict:
 def test_model_zoo_exports_with_parity(zoo_source, tmp_path, arch, level) -> None:
     run = _train(zoo_source, tmp_path / "run", arch, level)
     meta = _check_export(run, tmp_path / "models", arch)
-    assert meta["model"]["arch"] == arch
+    assert meta.model.arch == arch
 
 
 ABLATIONS = [
@@ -161,7 +162,7 @@ def test_ablations_export_with_parity(zoo_source, tmp_path, arch, overrides) -> 
     run = _train(zoo_source, tmp_path / "run", arch, **overrides)
     meta = _check_export(run, tmp_path / "models", arch)
     for key, value in overrides.items():
-        assert meta["model"]["config"][key] == value
+        assert meta.model.config[key] == value
 
 
 def _layout_source(tmp_path: Path, categorical: int, numeric: int):
@@ -192,26 +193,27 @@ def test_graph_keeps_both_inputs_when_a_layout_is_empty(tmp_path, categorical, n
     src = _layout_source(tmp_path, categorical, numeric)
     run = _train(src, tmp_path / "run", "mldcn", rank=4, mask_hidden=2)
     meta = _check_export(run, tmp_path / "models", "edge")  # both inputs, (B, 0) fed
-    assert [i["shape"] for i in meta["inputs"]] == [["batch", categorical], ["batch", numeric]]
+    assert [i.shape for i in meta.inputs] == [["batch", categorical], ["batch", numeric]]
 
 
 def test_model_json_fields(published, mldcn_run) -> None:
     mv = ModelRepository(published).load_version("mldcn", 1)
     meta = mv.meta
     run_metrics = json.loads((mldcn_run / "metrics.json").read_text())
-    assert meta["sha256"] == sha256_file(mv.onnx_path)
-    assert meta["bytes"] == mv.onnx_path.stat().st_size
-    assert meta["precision"] == "fp32"
-    assert meta["metrics"]["valid"] == run_metrics["valid"]
-    assert meta["metrics"]["test"] == run_metrics["test"]
-    assert meta["metrics"]["bayes_auc"] is None  # train_run alone does not know it
-    assert meta["schema"] == meta["encoders"]["schema"]
-    assert meta["created_at"].endswith("Z")
-    assert meta["source"]["checkpoint_sha256"] == sha256_file(mldcn_run / "checkpoint.pt")
-    assert [(i["name"], i["dtype"], i["datatype"]) for i in meta["inputs"]] == [
+    assert meta.sha256 == sha256_file(mv.onnx_path)
+    assert meta.bytes == mv.onnx_path.stat().st_size
+    assert meta.precision == "fp32" and meta.format_version == 2
+    assert meta.metrics["valid"] == run_metrics["valid"]
+    assert meta.metrics["test"] == run_metrics["test"]
+    assert meta.metrics["bayes_auc"] is None  # train_run alone does not know it
+    assert meta.schema == meta.encoders["schema"]  # stored once, in the encoders
+    assert "schema" not in json.loads(mv.meta_path.read_text())
+    assert meta.created_at.endswith("Z")
+    assert meta.source.checkpoint_sha256 == sha256_file(mldcn_run / "checkpoint.pt")
+    assert [(i.name, i.dtype, i.datatype) for i in meta.inputs] == [
         ("cat_ids", "int64", "INT64"), ("dense", "float32", "FP32")]
-    assert meta["parity"]["auc_torch"] == pytest.approx(run_metrics["valid"]["auc"], abs=1e-6)
-    assert abs(meta["parity"]["auc_change"]) < 1e-6
+    assert meta.parity["auc_torch"] == pytest.approx(run_metrics["valid"]["auc"], abs=1e-6)
+    assert abs(meta.parity["auc_change"]) < 1e-6
     graph = onnx.load(str(mv.onnx_path))
     assert all(i.doc_string for i in graph.graph.input)  # inputs are documented in the graph
 
@@ -258,8 +260,8 @@ def test_fp16_export(mldcn_run, tmp_path) -> None:
     repo = tmp_path / "models"
     result = export_run(mldcn_run, repo, "mldcn", fp16=True, log=_quiet)
     mv = ModelRepository(repo).load_version("mldcn").verify()
-    parity = mv.meta["parity"]
-    assert mv.precision == "fp16" and parity["precision"] == "fp16"
+    parity = mv.meta.parity
+    assert mv.meta.precision == "fp16" and parity["precision"] == "fp16"
     assert 0 < parity["max_abs_diff"] <= parity["tolerance"] == exporter.FP16_TOLERANCE
     assert parity["auc_change"] >= -exporter.FP16_MAX_AUC_DROP
     assert parity["max_auc_drop"] == exporter.FP16_MAX_AUC_DROP

@@ -67,8 +67,8 @@ def test_forced_external_export(models: Models, external_repo: Path) -> None:
     # the version folder is the three files: no trace folder or per-tensor file left behind
     assert sorted(os.listdir(mv.path)) == ["model.json", "model.onnx", "model.onnx.data"]
     assert mv.external_data_path == data
-    assert mv.meta["external_data"] == {"file": "model.onnx.data", "sha256": sha256_file(data),
-                                        "bytes": data.stat().st_size}
+    assert mv.meta.external_data.model_dump() == {
+        "file": "model.onnx.data", "sha256": sha256_file(data), "bytes": data.stat().st_size}
     assert data.stat().st_mode == mv.onnx_path.stat().st_mode  # readable by the same users
     # model.onnx is the graph only: every tensor of 1 KiB or more is in the data file
     graph = onnx.load(str(mv.onnx_path), load_external_data=False)
@@ -81,12 +81,12 @@ def test_forced_external_export(models: Models, external_repo: Path) -> None:
     assert mv.onnx_path.stat().st_size < data.stat().st_size
     assert mv.onnx_path.stat().st_size < plain.onnx_path.stat().st_size / 4
     # the same graph as the plain export, with the same parity
-    parity = mv.meta["parity"]
+    parity = mv.meta.parity
     assert parity["precision"] == "fp32" and parity["max_abs_diff"] <= 1e-5
-    assert mv.meta["onnx"]["op_counts"] == plain.meta["onnx"]["op_counts"]
+    assert mv.meta.onnx.op_counts == plain.meta.onnx.op_counts
     assert mv.verify(check_graph=True) is mv
     # the plain export ("auto", a small model) has no data file and says so
-    assert plain.meta["external_data"] is None and plain.external_data_path is None
+    assert plain.meta.external_data is None and plain.external_data_path is None
     assert not (plain.path / EXTERNAL_DATA_FILE).exists()
     plain.verify(check_graph=True)
 
@@ -179,10 +179,10 @@ def test_model_json_without_external_data_stays_valid(models: Models, tmp_path: 
     mv = ModelRepository(repo).load_version("mldcn")
     meta = json.loads(mv.meta_path.read_text())
     del meta["external_data"]
-    assert validate_meta(meta, mv.meta_path) is meta
+    assert validate_meta(meta, mv.meta_path).external_data is None
     mv.meta_path.write_text(json.dumps(meta))
     old = ModelRepository(repo).load_version("mldcn").verify(check_graph=True)
-    assert old.external_data_path is None and "external_data" not in old.meta
+    assert old.external_data_path is None and old.meta.external_data is None
 
 
 SHA = "0" * 64
@@ -191,28 +191,27 @@ SHA = "0" * 64
 @pytest.mark.parametrize(
     ("entry", "message"),
     [
-        ("model.onnx.data", r"external_data must be null or an object with keys "
-                            r"\['file', 'sha256', 'bytes'\], got str"),
-        ({"file": "model.onnx.data", "sha256": SHA},
-         r"external_data must be null or an object .*got \['file', 'sha256'\]"),
+        ("model.onnx.data", "external_data: Input should be a valid dictionary or instance of "
+                            "ExternalData, got 'model.onnx.data'"),
+        ({"file": "model.onnx.data", "sha256": SHA}, "external_data.bytes: Field required"),
         ({"file": "model.onnx.data", "sha256": SHA, "bytes": 1, "offset": 0},
-         "external_data must be null or an object"),
+         "external_data.offset: Extra inputs are not permitted"),
         ({"file": "weights.bin", "sha256": SHA, "bytes": 1},
-         "external_data.file must be 'model.onnx.data', got 'weights.bin'"),
+         "external_data.file: Input should be 'model.onnx.data', got 'weights.bin'"),
         ({"file": "../1/model.onnx.data", "sha256": SHA, "bytes": 1},
-         "external_data.file must be 'model.onnx.data'"),
+         "external_data.file: Input should be 'model.onnx.data'"),
         ({"file": "model.onnx.data", "sha256": SHA.upper().replace("0", "A"), "bytes": 1},
-         "external_data.sha256 must be 64 lowercase hex digits"),
+         r"external_data.sha256: String should match pattern '\^\[0-9a-f\]\{64\}\$'"),
         ({"file": "model.onnx.data", "sha256": SHA[:-1], "bytes": 1},
-         "external_data.sha256 must be 64 lowercase hex digits"),
+         "external_data.sha256: String should match pattern"),
         ({"file": "model.onnx.data", "sha256": SHA, "bytes": -1},
-         r"external_data.bytes must be an integer >= 0, got -1"),
+         "external_data.bytes: Input should be greater than or equal to 0, got -1"),
         ({"file": "model.onnx.data", "sha256": SHA, "bytes": "12"},
-         "external_data.bytes must be an integer >= 0, got '12'"),
+         "external_data.bytes: Input should be a valid integer, got '12'"),
         ({"file": "model.onnx.data", "sha256": SHA, "bytes": True},
-         "external_data.bytes must be an integer >= 0, got True"),
+         "external_data.bytes: Input should be a valid integer, got True"),
         ({"file": "model.onnx.data", "sha256": SHA, "bytes": 1.5},
-         "external_data.bytes must be an integer >= 0, got 1.5"),
+         "external_data.bytes: Input should be a valid integer, got 1.5"),
     ],
     ids=["a-string", "no-bytes", "extra-key", "other-file", "other-folder", "upper-hex",
          "short-hash", "negative-bytes", "string-bytes", "bool-bytes", "float-bytes"],
@@ -237,7 +236,7 @@ def test_auto_goes_external_above_the_threshold(models: Models, tmp_path: Path,
     monkeypatch.setattr(exporter, "EXTERNAL_DATA_THRESHOLD", 1000)  # the mlp's tensors pass it
     export_run(models.runs["mlp"], repo, "mlp", log=_quiet)  # external_data="auto"
     mv = ModelRepository(repo).load_version("mlp").verify()
-    assert mv.meta["external_data"]["bytes"] == (mv.path / EXTERNAL_DATA_FILE).stat().st_size
+    assert mv.meta.external_data.bytes == (mv.path / EXTERNAL_DATA_FILE).stat().st_size
 
 
 def test_never_refuses_a_graph_too_large_for_one_file(models: Models, tmp_path: Path,
@@ -261,7 +260,7 @@ def test_cli_external_data_flag(models: Models, tmp_path: Path, capsys) -> None:
                  "never"]) == 0
     r = ModelRepository(repo)
     assert r.load_version("a").verify().external_data_path == repo / "a" / "1" / EXTERNAL_DATA_FILE
-    assert r.load_version("n").verify().meta["external_data"] is None
+    assert r.load_version("n").verify().meta.external_data is None
     assert sorted(os.listdir(repo / "n" / "1")) == ["model.json", "model.onnx"]
     capsys.readouterr()
     assert main(["models", "list", str(repo), "--verify"]) == 0
@@ -320,11 +319,11 @@ def test_model_over_2gib_goes_external_with_auto(tmp_path: Path) -> None:
 def _check_wide_export(run: Path, repo: Path) -> None:
     result = export_run(run, repo, "wide", log=_quiet)  # external_data="auto"
     mv = ModelRepository(repo).load_version("wide").verify(check_graph=True)
-    entry = mv.meta["external_data"]
-    assert mv.path == result.path and entry["file"] == EXTERNAL_DATA_FILE
-    assert entry["bytes"] >= BIG_BUCKETS * 16 * 4 > exporter.PROTOBUF_LIMIT_BYTES
+    entry = mv.meta.external_data
+    assert mv.path == result.path and entry.file == EXTERNAL_DATA_FILE
+    assert entry.bytes >= BIG_BUCKETS * 16 * 4 > exporter.PROTOBUF_LIMIT_BYTES
     assert mv.onnx_path.stat().st_size < 1 << 20
-    assert mv.meta["parity"]["max_abs_diff"] <= 1e-5
+    assert mv.meta.parity["max_abs_diff"] <= 1e-5
     assert sorted(os.listdir(mv.path)) == ["model.json", "model.onnx", "model.onnx.data"]
     # scored from the repository alone, ids at both ends of the table
     session = mv.open_session()

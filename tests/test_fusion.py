@@ -209,9 +209,9 @@ def test_export_writes_the_fused_form(run_dir, tmp_path) -> None:
     repo = tmp_path / "models"
     result = export_run(run_dir, repo, "mldcn", log=_quiet)
     mv = ModelRepository(repo).load_version("mldcn").verify()
-    info, parity = mv.meta["onnx"], mv.meta["parity"]
-    assert info["graph_form"] == "fused"
-    assert info["node_count"] == sum(info["op_counts"].values())
+    info, parity = mv.meta.onnx, mv.meta.parity
+    assert info.graph_form == "fused"
+    assert info.node_count == sum(info.op_counts.values())
     assert parity["reference"] == "PyTorch fp32" and parity["max_abs_diff"] <= TOLERANCE
     assert {c["inputs"] for c in parity["checks"]} >= {"random", "valid", "valid_all"}
     # the same model exported unfused has more operators, in the file and after ORT's fusions
@@ -219,14 +219,14 @@ def test_export_writes_the_fused_form(run_dir, tmp_path) -> None:
     plain = tmp_path / "plain.onnx"
     plain_graph = export_graph(model.eval(), plain, len(encoders.cardinalities),
                                encoders.num_dense)
-    assert info["node_count"] < sum(op_counts(plain_graph).values())
+    assert info.node_count < sum(op_counts(plain_graph).values())
     assert _ort_node_count(mv.onnx_path, tmp_path) < _ort_node_count(plain, tmp_path)
-    assert result.meta["onnx"] == info
+    assert result.meta.onnx == info
 
 
 def test_model_json_graph_keys_are_checked(run_dir, tmp_path) -> None:
     repo = tmp_path / "models"
-    meta = export_run(run_dir, repo, "m", log=_quiet).meta
+    meta = json.loads(export_run(run_dir, repo, "m", log=_quiet).meta.to_json())
     where = Path("model.json")
     validate_meta(meta, where)
     legacy = json.loads(json.dumps(meta))
@@ -235,7 +235,8 @@ def test_model_json_graph_keys_are_checked(run_dir, tmp_path) -> None:
     validate_meta(legacy, where)  # files written before these keys stay valid
     bad_form = json.loads(json.dumps(meta))
     bad_form["onnx"]["graph_form"] = "folded"
-    with pytest.raises(RepositoryError, match="graph_form must be one of"):
+    with pytest.raises(RepositoryError,
+                       match="onnx.graph_form: Input should be 'plain' or 'fused', got 'folded'"):
         validate_meta(bad_form, where)
     bad_count = json.loads(json.dumps(meta))
     bad_count["onnx"]["node_count"] += 1

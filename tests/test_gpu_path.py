@@ -59,11 +59,11 @@ def repo() -> Path:
     return _repo()
 
 
-def _rows(meta: dict, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def _rows(meta, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
-    cards = meta["model"]["cardinalities"]
+    cards = meta.model.cardinalities
     cat = np.stack([rng.integers(0, c, n) for c in cards], axis=1).astype(np.int64)
-    dense = rng.lognormal(0.0, 1.0, (n, meta["model"]["num_dense"])).astype(np.float32)
+    dense = rng.lognormal(0.0, 1.0, (n, meta.model.num_dense)).astype(np.float32)
     return cat, dense
 
 
@@ -258,7 +258,7 @@ def test_fp16_model_is_served_with_float32_io_within_its_tolerance(repo: Path, p
     assert fp16.precision == "fp16"
     assert [i.type for i in fp16.session.get_inputs()] == ["tensor(int64)", "tensor(float)"]
     assert [o.type for o in fp16.session.get_outputs()] == ["tensor(float)"]
-    tolerance = float(mv16.meta["parity"]["tolerance"])
+    tolerance = float(mv16.meta.parity["tolerance"])
     for n in (1, 8, 33):
         cat, dense = _rows(mv16.meta, n, seed=n)
         got = fp16.run(cat, dense)

@@ -436,7 +436,8 @@ def test_report_says_the_ratios_compare_front_ends(tmp_path) -> None:
 # --- sampler -------------------------------------------------------------------------------
 
 
-def _meta() -> dict:
+def _encoders() -> dict:
+    """A model's fitted encoders (``ModelMeta.encoders``), the schema inside."""
     fields = [
         {"name": "u_cat", "type": "categorical", "side": "user", "encoding": "vocab"},
         {"name": "ctx_num", "type": "numeric", "side": "context", "transform": "log1p"},
@@ -445,7 +446,7 @@ def _meta() -> dict:
         {"name": "ad_cat", "type": "categorical", "side": "candidate", "encoding": "vocab"},
         {"name": "price", "type": "numeric", "side": "candidate", "transform": "none"},
     ]
-    return {"encoders": {
+    return {
         "format_version": 1,
         "schema": {"label": "label", "fields": fields},
         "categorical": [
@@ -457,11 +458,11 @@ def _meta() -> dict:
             {"name": "ctx_num", "lo": 0.0, "hi": 5.0, "mean": 2.0, "std": 1.0, "fill": 2.0},
             {"name": "price", "lo": -1.0, "hi": 3.0, "mean": 1.0, "std": 0.5, "fill": 1.0},
         ],
-    }}
+    }
 
 
 def test_sampler_values_come_from_the_encoders() -> None:
-    sampler = RequestSampler(_meta(), CandidateCounts(50, 0.5, 200), oov_share=0.05)
+    sampler = RequestSampler(_encoders(), CandidateCounts(50, 0.5, 200), oov_share=0.05)
     rng = np.random.default_rng(0)
     body = sampler.body(rng, 4000)
     assert set(body) == {"user", "context", "candidates"}
@@ -484,7 +485,7 @@ def test_sampler_values_come_from_the_encoders() -> None:
 
 
 def test_sampler_inverts_log1p_into_the_fitted_range() -> None:
-    sampler = RequestSampler(_meta(), oov_share=0.0)
+    sampler = RequestSampler(_encoders(), oov_share=0.0)
     values = np.array(sampler.column(np.random.default_rng(2), "ctx_num", 2000))
     t = np.sign(values) * np.log1p(np.abs(values))
     assert t.min() >= 0.0 - 1e-3 and t.max() <= 5.0 + 1e-3
@@ -495,9 +496,9 @@ def test_sampler_inverts_log1p_into_the_fitted_range() -> None:
 def test_sampler_bodies_encode_with_the_models_own_encoders() -> None:
     from model.encoders import FeatureEncoders
 
-    meta = _meta()
-    encoders = FeatureEncoders.from_dict(meta["encoders"])
-    body = RequestSampler(meta).body(np.random.default_rng(3), 64)
+    fitted = _encoders()
+    encoders = FeatureEncoders.from_dict(fitted)
+    body = RequestSampler(fitted).body(np.random.default_rng(3), 64)
     columns = {**{k: [v] * 64 for k, v in {**body["user"], **body["context"]}.items()},
                **body["candidates"]}
     cat, dense = encoders.transform(columns)
@@ -521,7 +522,7 @@ def test_pool_is_reproducible_and_valid_json() -> None:
 
     from service.schemas import ScoreRequest
 
-    sampler = RequestSampler(_meta(), CandidateCounts(30, 0.8, 100))
+    sampler = RequestSampler(_encoders(), CandidateCounts(30, 0.8, 100))
     a, b = sampler.pool(20, seed=5), sampler.pool(20, seed=5)
     assert a == b and sampler.pool(20, seed=6) != a
     for body, n in a:
@@ -538,8 +539,8 @@ def test_candidate_counts_reject_bad_settings(bad, match) -> None:
         CandidateCounts(**bad)
 
 
-def test_sampler_rejects_metadata_without_encoders() -> None:
-    with pytest.raises(ValueError, match="encoders"):
+def test_sampler_rejects_unusable_encoders() -> None:
+    with pytest.raises(ValueError, match="the encoders are not usable"):
         RequestSampler({"schema": {}})
 
 

@@ -240,7 +240,7 @@ def test_config_file_and_temperature_scaling_through_train_and_export(attributio
     assert m["valid"]["logloss"] == pytest.approx(cal["valid_after"]["logloss"])
     # the export serves the calibrated model: its parity check ran against it
     result = export_run(run, tmp_path / "models", "tuned", log=lambda _: None)
-    assert result.meta["parity"]["max_abs_diff"] < 1e-4
+    assert result.meta.parity["max_abs_diff"] < 1e-4
     # a config for another arch is refused, and a bad one names the key
     assert main(["train", "--data", str(attribution["train"]), "--schema", ATTRIBUTION_SCHEMA,
                  "--arch", "dcnv2", "--config", str(config), *QUICK, "--out",

@@ -17,11 +17,11 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
+from export.meta import io_spec
 from export.repository import (
     ModelRepository,
     ModelVersion,
     RepositoryError,
-    io_spec,
     publish,
     sha256_file,
     staging_dir,
@@ -72,6 +72,8 @@ def _graph(num_cat: int, num_dense: int, dense_name: str = "dense") -> onnx.Mode
 
 
 def _meta(encoders: FeatureEncoders, onnx_path: Path) -> dict:
+    """A model.json as format version 1 wrote it (the feature schema also at the top level);
+    ``write_meta`` stores it as version 2."""
     inputs, outputs = io_spec(len(encoders.cardinalities), encoders.num_dense)
     return {
         "format_version": 1, "created_at": "2025-01-31T12:00:00Z", "model_file": "model.onnx",
@@ -139,7 +141,7 @@ def test_a_version_verifies_and_carries_its_encoders(repo, encoders) -> None:
                                         "price": [3.0, None]})
     (p,) = session.run(None, {"cat_ids": cat, "dense": dense})
     assert p.shape == (2,) and p.dtype == np.float32
-    assert mv.meta["metrics"]["bayes_auc"] is None  # NaN is written as null: strict JSON
+    assert mv.meta.metrics["bayes_auc"] is None  # NaN is written as null: strict JSON
     assert mv.summary()["valid_auc"] == 0.75
 
 
@@ -188,10 +190,6 @@ def _drop_key(meta: dict) -> None:
     del meta["parity"]
 
 
-def _other_schema(meta: dict) -> None:
-    meta["schema"]["fields"][0]["side"] = "candidate"
-
-
 def _other_cardinalities(meta: dict) -> None:
     meta["model"]["cardinalities"][0] += 1
 
@@ -201,7 +199,15 @@ def _broken_encoders(meta: dict) -> None:
 
 
 def _future_format(meta: dict) -> None:
-    meta["format_version"] = 2
+    meta["format_version"] = 3
+
+
+def _bad_hash(meta: dict) -> None:
+    meta["sha256"] = "ABC"
+
+
+def _bad_count(meta: dict) -> None:
+    meta["bytes"] = -1
 
 
 def _bad_precision(meta: dict) -> None:
@@ -213,12 +219,13 @@ def _bad_precision(meta: dict) -> None:
     [
         (_set_dense_width, r"inputs .* disagree with the feature layout"),
         (_rename_input, r"inputs .*'ids'.* disagree"),
-        (_drop_key, r"missing keys \['parity'\]"),
-        (_other_schema, "schema disagrees with the encoders"),
+        (_drop_key, r"parity: Field required"),
         (_other_cardinalities, "encoders give cardinalities"),
         (_broken_encoders, "encoders are not valid"),
-        (_future_format, "format_version 2 is not supported"),
-        (_bad_precision, "precision must be one of"),
+        (_future_format, r"format_version 3 is not supported \(this version reads 1 and 2\)"),
+        (_bad_precision, "precision: Input should be 'fp32' or 'fp16'"),
+        (_bad_hash, "sha256: String should match pattern"),
+        (_bad_count, "bytes: Input should be greater than or equal to 0"),
     ],
 )
 def test_inconsistent_model_json_is_refused(repo, change, message) -> None:
@@ -230,6 +237,26 @@ def test_inconsistent_model_json_is_refused(repo, change, message) -> None:
     assert str(info.value).startswith(str(mv.meta_path))
     with pytest.raises(RepositoryError):
         validate_meta(meta, mv.meta_path)
+
+
+def test_version_1_files_still_load(repo, encoders) -> None:
+    """A model.json written as format version 1 (the schema stored twice) loads as version 2,
+    verifies and serves the same encoders; a version-1 file whose two schemas differ is
+    refused."""
+    mv = ModelRepository(repo).load_version("other")
+    v1 = _meta(encoders, mv.onnx_path)
+    mv.meta_path.write_text(json.dumps({**v1, "metrics": {}}))
+    loaded = ModelRepository(repo).load_version("other").verify()
+    assert loaded.meta.format_version == 2 and loaded.meta.schema == encoders.schema.to_dict()
+    assert loaded.encoders.to_dict() == encoders.to_dict()
+    assert "schema" not in json.loads(loaded.meta.to_json())  # rewritten: stored once
+    v1["schema"]["fields"][0]["side"] = "candidate"
+    mv.meta_path.write_text(json.dumps(v1))
+    with pytest.raises(RepositoryError, match="schema disagrees with the encoders' schema"):
+        ModelRepository(repo).load_version("other").verify()
+    del v1["schema"]
+    with pytest.raises(RepositoryError, match=r"schema: field required \(format_version 1\)"):
+        validate_meta(v1, mv.meta_path)
 
 
 def test_unreadable_model_json(repo) -> None:
