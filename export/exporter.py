@@ -47,8 +47,6 @@ Runtime optimises the graph for its execution provider when the server opens a s
 from __future__ import annotations
 
 import copy
-import json
-import pickle
 import shutil
 import sys
 import tempfile
@@ -90,11 +88,11 @@ from export.repository import (
 from model.config import ModelConfig
 from model.ctr import CTRModel
 from model.encoders import FeatureEncoders
+from model.files import read_json
 from model.flops import model_flops
 from model.fuse import fuse_for_inference
 from model.metrics import roc_auc
 from model.modules import MLP, MaskedLowRankCrossNet
-from model.schema import SchemaError
 
 OPSET = 17
 PROVIDER = "CPUExecutionProvider"
@@ -182,60 +180,16 @@ class RunFolder:
         return self.encoders.num_dense
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except OSError as e:
-        raise ExportError(f"{path}: cannot read: {e.strerror or e}") from None
-    except ValueError as e:
-        raise ExportError(f"{path}: not valid JSON: {e}") from None
-
-
 def load_run_folder(run_dir: str | Path) -> RunFolder:
-    """Load a run folder for export; every problem is one error naming the file at fault.
+    """Load a run folder for export (``model.train.load_run`` checks every file); every problem
+    is one error naming the file at fault: FileNotFoundError or ExportError."""
+    from model.train import RunFolderError, load_run
 
-    Raises FileNotFoundError (no folder, a missing file) or ExportError (a file that does not
-    parse, encoders that disagree with model_config.json, a checkpoint that does not fit the
-    architecture of model_config.json).
-    """
-    from model.train import load_run
-
-    run = Path(run_dir)
-    if not run.is_dir():
-        raise FileNotFoundError(f"run folder not found: {run}")
-    for name in ("checkpoint.pt", "model_config.json", "encoders.json", "metrics.json"):
-        if not (run / name).is_file():
-            raise FileNotFoundError(f"{run} is not a complete run folder: {name} is missing")
-    mc_path, enc_path = run / "model_config.json", run / "encoders.json"
-    mc = _read_json(mc_path)
-    if not isinstance(mc, dict) or not {"model", "cardinalities", "num_dense"} <= set(mc):
-        raise ExportError(f"{mc_path}: expected keys model, cardinalities and num_dense")
     try:
-        ModelConfig.from_dict(mc["model"])
-    except ValueError as e:
-        raise ExportError(f"{mc_path}: {_one_line(e)}") from None
-    try:
-        encoders = FeatureEncoders.load(enc_path)
-    except SchemaError as e:
-        raise ExportError(f"{enc_path}: {_one_line(e)}") from None
-    if encoders.cardinalities != mc["cardinalities"] or encoders.num_dense != mc["num_dense"]:
-        raise ExportError(
-            f"{enc_path} does not match {mc_path}: the encoders give cardinalities "
-            f"{encoders.cardinalities} and {encoders.num_dense} dense features, model_config "
-            f"says {mc['cardinalities']} and {mc['num_dense']}"
-        )
-    metrics = _read_json(run / "metrics.json")
-    if not isinstance(metrics, dict):
-        raise ExportError(f"{run / 'metrics.json'}: expected a JSON object")
-    try:
-        model, cfg, encoders, metrics = load_run(run)
-    except (RuntimeError, EOFError, OSError, ValueError, KeyError, TypeError,
-            pickle.UnpicklingError) as e:
-        raise ExportError(
-            f"{run / 'checkpoint.pt'}: cannot load it into the model that model_config.json "
-            f"describes: {_one_line(e, 240)}"
-        ) from None
-    return RunFolder(run, model.eval(), cfg, encoders, metrics)
+        model, cfg, encoders, metrics = load_run(run_dir)
+    except RunFolderError as e:
+        raise ExportError(str(e)) from None
+    return RunFolder(Path(run_dir), model, cfg, encoders, metrics)
 
 
 @dataclass
@@ -278,7 +232,7 @@ def load_samples(run: RunFolder) -> Samples:
     samples = Samples(cat, dense, labels)
     raw_path = folder / "raw_rows.json"
     if raw_path.is_file():
-        raw = _read_json(raw_path)
+        raw = read_json(raw_path, ExportError)
         try:
             columns = {name: raw[name] for name in run.encoders.schema.names}
             samples.raw_cat_ids, samples.raw_dense = run.encoders.transform(columns)

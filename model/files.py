@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -21,3 +22,13 @@ def file_info(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
     """Path, SHA-256 and size of each file: how runs and studies name the data they read."""
     return [{"path": str(p), "sha256": sha256_file(p), "bytes": Path(p).stat().st_size}
             for p in paths]
+
+
+def read_json(path: Path, error: type[Exception]) -> Any:
+    """The parsed JSON of ``path``; ``error`` naming the file when it cannot be read or parsed."""
+    try:
+        return json.loads(path.read_text())
+    except OSError as e:
+        raise error(f"{path}: cannot read: {e.strerror or e}") from None
+    except ValueError as e:
+        raise error(f"{path}: not valid JSON: {e}") from None

@@ -52,7 +52,7 @@ from model.device import AMP_CHOICES, amp_dtype, resolve_device
 from model.distributed import Dist, from_env
 from model.distributed import init as init_group
 from model.distributed import shutdown as shutdown_group
-from model.files import file_info
+from model.files import file_info, read_json
 from model.flops import model_flops
 from model.metrics import calibration, roc_auc
 from model.optim import EMBEDDING_OPTIMIZERS, RowWiseAdagrad, clip_grad_norm
@@ -591,22 +591,63 @@ def write_samples(
         )
 
 
+RUN_FILES: tuple[str, ...] = ("checkpoint.pt", "model_config.json", "encoders.json",
+                              "metrics.json")
+
+
+class RunFolderError(ValueError):
+    """A run folder that cannot be loaded; the message names the file at fault."""
+
+
+def _one_line(e: BaseException | str, limit: int = 300) -> str:
+    text = " ".join(str(e).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def load_run(run_dir: str | Path) -> tuple[nn.Module, ModelConfig, Any, dict[str, Any]]:
-    """Rebuild (model with best weights, config, encoders, metrics) from a run folder."""
+    """Rebuild (model with best weights, in eval mode; config, encoders, metrics) from a run
+    folder, checking every file: FileNotFoundError (no folder, a missing file) or
+    RunFolderError naming the file (one that does not parse, encoders that disagree with
+    model_config.json, a checkpoint that does not fit its architecture)."""
+    import pickle
+
     from model.encoders import FeatureEncoders
+    from model.schema import SchemaError
 
     run = Path(run_dir)
-    for name in ("checkpoint.pt", "model_config.json", "encoders.json", "metrics.json"):
+    if not run.is_dir():
+        raise FileNotFoundError(f"run folder not found: {run}")
+    for name in RUN_FILES:
         if not (run / name).is_file():
-            raise FileNotFoundError(f"{run} is not a run folder: {name} is missing")
-    mc = json.loads((run / "model_config.json").read_text())
-    cfg = ModelConfig.from_dict(mc["model"])
-    encoders = FeatureEncoders.load(run / "encoders.json")
+            raise FileNotFoundError(f"{run} is not a complete run folder: {name} is missing")
+    mc_path, enc_path = run / "model_config.json", run / "encoders.json"
+    mc = read_json(mc_path, RunFolderError)
+    if not isinstance(mc, dict) or not {"model", "cardinalities", "num_dense"} <= set(mc):
+        raise RunFolderError(f"{mc_path}: expected keys model, cardinalities and num_dense")
+    try:
+        cfg = ModelConfig.from_dict(mc["model"])
+    except (ValueError, TypeError) as e:
+        raise RunFolderError(f"{mc_path}: {_one_line(e)}") from None
+    try:
+        encoders = FeatureEncoders.load(enc_path)
+    except SchemaError as e:
+        raise RunFolderError(f"{enc_path}: {_one_line(e)}") from None
     if encoders.cardinalities != mc["cardinalities"] or encoders.num_dense != mc["num_dense"]:
-        raise ValueError(f"{run}: encoders.json does not match model_config.json")
-    model = build_model(cfg, mc["cardinalities"], mc["num_dense"])
-    state = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=True)
-    model.load_state_dict(state)
+        raise RunFolderError(
+            f"{enc_path} does not match {mc_path}: the encoders give cardinalities "
+            f"{encoders.cardinalities} and {encoders.num_dense} dense features, model_config "
+            f"says {mc['cardinalities']} and {mc['num_dense']}")
+    metrics = read_json(run / "metrics.json", RunFolderError)
+    if not isinstance(metrics, dict):
+        raise RunFolderError(f"{run / 'metrics.json'}: expected a JSON object")
+    try:
+        model = build_model(cfg, mc["cardinalities"], mc["num_dense"])
+        state = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=True)
+        model.load_state_dict(state)
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, TypeError,
+            pickle.UnpicklingError) as e:
+        raise RunFolderError(
+            f"{run / 'checkpoint.pt'}: cannot load it into the model that model_config.json "
+            f"describes: {_one_line(e, 240)}") from None
     model.eval()
-    metrics = json.loads((run / "metrics.json").read_text())
     return model, cfg, encoders, metrics
