@@ -88,6 +88,7 @@ from export.repository import (
 from model.config import ModelConfig
 from model.ctr import CTRModel
 from model.encoders import FeatureEncoders
+from model.errors import InputError
 from model.files import read_json
 from model.flops import model_flops
 from model.fuse import fuse_for_inference
@@ -111,7 +112,7 @@ _CHUNK_ROWS = 4096
 Log = Callable[[str], None]
 
 
-class ExportError(ValueError):
+class ExportError(InputError):
     """An export that cannot be done: broken run folder, failed ONNX check, bad arguments."""
 
 

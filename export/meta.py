@@ -69,6 +69,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, model_validator
 
 from model.encoders import FeatureEncoders
+from model.errors import InputError
 from model.schema import SchemaError
 
 META_FORMAT_VERSION = 2
@@ -87,7 +88,7 @@ DTYPES: dict[str, tuple[str, str]] = {
 }
 
 
-class MetaError(ValueError):
+class MetaError(InputError):
     """A model.json that cannot be used: the field and the reason."""
 
 

@@ -74,6 +74,7 @@ from export.meta import (
 )
 from model.checks import check_sizes
 from model.encoders import FeatureEncoders
+from model.errors import InputError
 from model.files import sha256_file
 
 META_FILE = "model.json"
@@ -81,7 +82,7 @@ STAGING_PREFIX = ".export-"
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
-class RepositoryError(ValueError):
+class RepositoryError(InputError):
     """A model repository, version folder or model.json that cannot be used; names the file."""
 
 

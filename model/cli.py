@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from model.cliargs import OneLineParser
-from model.errors import CLIError
+from model.errors import CLIError, InputError
 
 SYNTHETIC = "synthetic"
 
@@ -39,14 +39,12 @@ _Parser = OneLineParser
 
 
 def _expected_errors() -> tuple[type[BaseException], ...]:
-    """Exception types that mean bad input rather than a bug. A KeyError is a bug (a missing
-    data column is the readers' DataError), so it ends with a traceback."""
-    from model.schema import SchemaError
-
-    errors: list[type[BaseException]] = [CLIError, SchemaError, FileNotFoundError,
-                                         FileExistsError, NotADirectoryError, PermissionError,
-                                         IsADirectoryError, ValueError]
-    return tuple(errors)
+    """Exception types that mean bad input rather than a bug: ``CLIError``, the typed
+    ``InputError`` (``model.errors``) and files that are not where or what the command was told.
+    Any other exception (a plain ValueError or KeyError included) is a bug and ends with a
+    traceback."""
+    return (CLIError, InputError, FileNotFoundError, FileExistsError, NotADirectoryError,
+            PermissionError, IsADirectoryError)
 
 
 def _parse_set(items: Sequence[str]) -> dict[str, Any]:

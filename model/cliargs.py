@@ -7,6 +7,8 @@ import sys
 from collections.abc import Callable
 from typing import NoReturn, TypeVar
 
+from model.errors import InputError
+
 T = TypeVar("T")
 
 
@@ -37,4 +39,4 @@ def comma_list(text: str, kind: Callable[[str], T] = str,  # type: ignore[assign
     try:
         return [kind(item) for item in (t.strip() for t in text.split(",")) if item]
     except ValueError:
-        raise ValueError(f"expected comma-separated {what}, got {text!r}") from None
+        raise InputError(f"expected comma-separated {what}, got {text!r}") from None

@@ -69,6 +69,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from model.checks import check_sizes
+from model.errors import InputError
 
 ARCHS: tuple[str, ...] = ("mldcn", "dcnv2", "masknet", "mlp", "wukong", "rankmixer")
 BASELINES: tuple[str, ...] = ("lr",)
@@ -81,7 +82,7 @@ MASK_SOURCES: tuple[str, ...] = ("x0", "xl")
 MASK_ACTIVATIONS: tuple[str, ...] = ("linear", "sigmoid", "2sigmoid")
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A model configuration with an unknown key or a value out of range."""
 
 

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from model.encoders import EncoderFitter, FeatureEncoders
+from model.errors import InputError
 from model.split import SPLIT_NAMES, TRAIN, SplitSpec, assign_random, fit_time_cutoffs
 
 
@@ -131,7 +132,7 @@ def prepare(
         for chunk, which in assignments():
             fitter.update(chunk, which == TRAIN)
         if fitter.rows == 0:
-            raise ValueError("the training split is empty: the input has too few rows")
+            raise InputError("the training split is empty: the input has too few rows")
         encoders = fitter.finish()
 
     writers = {name: _ShardWriter(cache_dir, name, shard_rows) for name in SPLIT_NAMES}

@@ -17,7 +17,7 @@ import re
 
 import torch
 
-from model.errors import CLIError
+from model.errors import CLIError, InputError
 
 DEVICES_HELP = "auto, cpu, cuda or cuda:N (default auto: CUDA when present)"
 AMP_CHOICES: tuple[str, ...] = ("auto", "bf16", "fp16", "off")
@@ -46,7 +46,7 @@ def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
 def amp_dtype(device: torch.device, amp: str) -> torch.dtype | None:
     """The autocast dtype for ``amp`` on ``device``, or None for float32 training."""
     if amp not in AMP_CHOICES:
-        raise ValueError(f"amp must be one of {AMP_CHOICES}, got {amp!r}")
+        raise InputError(f"amp must be one of {AMP_CHOICES}, got {amp!r}")
     if device.type != "cuda" or amp == "off":
         return None
     if amp == "auto":

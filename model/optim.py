@@ -19,6 +19,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from model.errors import InputError
+
 EMBEDDING_OPTIMIZERS: tuple[str, ...] = ("adam", "rowwise_adagrad")
 
 
@@ -43,7 +45,7 @@ class RowWiseAdagrad(torch.optim.Optimizer):
     def __init__(self, params: Iterable[nn.Parameter], lr: float = 0.01, eps: float = 1e-8,
                  initial_accumulator_value: float = 0.0) -> None:
         if not lr > 0:
-            raise ValueError(f"lr must be > 0, got {lr}")
+            raise InputError(f"lr must be > 0, got {lr}")
         super().__init__(params, {"lr": lr, "eps": eps,
                                   "initial_accumulator_value": initial_accumulator_value})
         for group in self.param_groups:

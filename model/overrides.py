@@ -29,13 +29,14 @@ from pathlib import Path
 from typing import Any
 
 from model.config import ARCHS, ModelConfig
+from model.errors import InputError
 
 # the TrainConfig fields a config file may set (the rest describe the run, not the recipe)
 TRAIN_KEYS: tuple[str, ...] = ("batch_size", "lr", "weight_decay", "lr_patience",
                                "early_stop_patience", "epochs", "calibrate")
 
 
-class OverridesError(ValueError):
+class OverridesError(InputError):
     """A config file that does not parse or names unknown settings."""
 
 

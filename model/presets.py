@@ -59,6 +59,7 @@ from typing import Any
 
 from model.archs import Matcher, architecture
 from model.config import ARCHS, ModelConfig, check_layout
+from model.errors import InputError
 from model.flops import model_flops
 
 LEVELS: tuple[str, ...] = ("small", "medium", "large")
@@ -99,9 +100,9 @@ _LEVEL_SETTINGS: dict[str, dict[str, Any]] = {
 
 def _check_names(arch: str, level: str) -> None:
     if arch not in ARCHS:
-        raise ValueError(f"unknown arch {arch!r}; presets exist for {ARCHS}")
+        raise InputError(f"unknown arch {arch!r}; presets exist for {ARCHS}")
     if level not in LEVELS:
-        raise ValueError(f"unknown level {level!r}; valid levels: {LEVELS}")
+        raise InputError(f"unknown level {level!r}; valid levels: {LEVELS}")
 
 
 def reference_config(level: str, **overrides: Any) -> ModelConfig:
@@ -165,7 +166,7 @@ def preset(
     cfg, mismatch = solved
     if abs(mismatch) > MATCH_TOLERANCE:
         width = entry.solved
-        raise ValueError(
+        raise InputError(
             f"cannot match {arch} to the {level} reference ({target:,} FLOPs/example) within "
             f"{MATCH_TOLERANCE:.0%} for this layout: the nearest, {width}="
             f"{getattr(cfg, width)}, is {mismatch:+.1%} off; pass {width} to skip matching"

@@ -57,6 +57,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from model.errors import InputError
 from model.schema import FeatureSchema
 
 if TYPE_CHECKING:  # pyarrow is imported lazily so that `import model.readers` works without it
@@ -89,7 +90,7 @@ _HOUR_STRINGS = np.array([str(i) for i in range(24)], dtype=object)
 _WEEKDAY_STRINGS = np.array([str(i) for i in range(7)], dtype=object)
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """A data file that cannot be read as asked: the message names the file and the problem."""
 
 
@@ -97,7 +98,7 @@ def load_builtin_schema(name: str) -> FeatureSchema:
     """Load ``model/schemas/<name>.json``: ``criteo``, ``avazu`` or ``criteo_attribution``."""
     resource = importlib.resources.files("model").joinpath("schemas", f"{name}.json")
     if not resource.is_file():
-        raise ValueError(f"no built-in schema named {name!r}")
+        raise InputError(f"no built-in schema named {name!r}")
     with importlib.resources.as_file(resource) as path:
         return FeatureSchema.load(path)
 
@@ -251,14 +252,14 @@ def open_source(
         SchemaError: an invalid schema file.
     """
     if fmt not in FORMATS:
-        raise ValueError(f"fmt must be one of {FORMATS}, got {fmt!r}")
+        raise InputError(f"fmt must be one of {FORMATS}, got {fmt!r}")
     if isinstance(paths, (str, Path)):
         paths = [paths]
     path_list = [Path(p) for p in paths]
     if not path_list:
-        raise ValueError("paths must name at least one file")
+        raise InputError("paths must name at least one file")
     if not isinstance(block_size_bytes, int) or block_size_bytes < 1024:
-        raise ValueError(f"block_size_bytes must be an integer >= 1024, got {block_size_bytes!r}")
+        raise InputError(f"block_size_bytes must be an integer >= 1024, got {block_size_bytes!r}")
     plans = [_plan(p, fmt) for p in path_list]
     formats = sorted({pl.fmt for pl in plans})
     if len(formats) > 1:
@@ -316,7 +317,7 @@ class DataSource:
                 other than 0/1, or a missing label.
         """
         if not isinstance(chunk_rows, int) or chunk_rows < 1:
-            raise ValueError(f"chunk_rows must be a positive integer, got {chunk_rows!r}")
+            raise InputError(f"chunk_rows must be a positive integer, got {chunk_rows!r}")
         plans = self._plans or tuple(_plan(p, self.fmt) for p in self.paths)
         yield from rechunk(
             (chunk for plan in plans for chunk in self._iter_file(plan, chunk_rows)), chunk_rows

@@ -42,6 +42,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from model.errors import InputError
+
 FieldType = Literal["categorical", "numeric"]
 Side = Literal["user", "context", "candidate"]
 
@@ -51,7 +53,7 @@ ENCODINGS: tuple[str, ...] = ("vocab", "hash")
 TRANSFORMS: tuple[str, ...] = ("log1p", "none")
 
 
-class SchemaError(ValueError):
+class SchemaError(InputError):
     """A schema file or dictionary that does not describe a valid feature set."""
 
 

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from model.errors import InputError
+
 TRAIN, VALID, TEST = 0, 1, 2
 SPLIT_NAMES = ("train", "valid", "test")
 
@@ -42,15 +44,15 @@ class SplitSpec:
 
     def __post_init__(self) -> None:
         if self.kind not in ("random", "time"):
-            raise ValueError(f"split kind must be 'random' or 'time', got {self.kind!r}")
+            raise InputError(f"split kind must be 'random' or 'time', got {self.kind!r}")
         for name in ("valid_frac", "test_frac"):
             v = getattr(self, name)
             if not 0.0 <= v < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {v}")
+                raise InputError(f"{name} must be in [0, 1), got {v}")
         if self.valid_frac + self.test_frac >= 1.0:
-            raise ValueError("valid_frac + test_frac must leave rows for training")
+            raise InputError("valid_frac + test_frac must leave rows for training")
         if self.kind == "time" and not self.time_column:
-            raise ValueError("a time split needs a time column")
+            raise InputError("a time split needs a time column")
 
 
 def _splitmix64(x: np.ndarray) -> np.ndarray:
@@ -103,14 +105,14 @@ class TimeCutoffs:
 
     def finish(self) -> TimeCutoffs:
         if self.sample.size == 0:
-            raise ValueError("time split: the input has no rows")
+            raise InputError("time split: the input has no rows")
         s = self.spec
         self.valid_start = float(np.quantile(self.sample, 1.0 - s.valid_frac - s.test_frac))
         self.test_start = float(np.quantile(self.sample, 1.0 - s.test_frac))
         first_cut = self.valid_start if s.valid_frac > 0 else self.test_start
         if first_cut <= float(self.sample.min()):
             distinct = np.unique(self.sample).size
-            raise ValueError(
+            raise InputError(
                 f"time split: column {s.time_column!r} has too few distinct times ({distinct}) "
                 "to leave any training rows before the validation cut-off; use --split random"
             )

@@ -58,6 +58,7 @@ from typing import Any
 
 import numpy as np
 
+from model.errors import InputError
 from model.metrics import roc_auc
 from model.readers import rechunk
 from model.schema import FeatureSchema, FieldSpec, Side
@@ -114,31 +115,31 @@ class SyntheticSpec:
 
     def __post_init__(self) -> None:
         if self.num_cat < 1:
-            raise ValueError(f"num_cat must be >= 1, got {self.num_cat}")
+            raise InputError(f"num_cat must be >= 1, got {self.num_cat}")
         if self.num_numeric < 0:
-            raise ValueError(f"num_numeric must be >= 0, got {self.num_numeric}")
+            raise InputError(f"num_numeric must be >= 0, got {self.num_numeric}")
         if self.cardinalities is not None:
             if len(self.cardinalities) != self.num_cat:
-                raise ValueError(
+                raise InputError(
                     f"cardinalities must have num_cat={self.num_cat} entries, "
                     f"got {len(self.cardinalities)}"
                 )
             if min(self.cardinalities) < 2:
-                raise ValueError("every cardinality must be >= 2")
+                raise InputError("every cardinality must be >= 2")
         elif not 2 <= self.min_cardinality <= self.max_cardinality:
-            raise ValueError(
+            raise InputError(
                 "need 2 <= min_cardinality <= max_cardinality, got "
                 f"{self.min_cardinality} and {self.max_cardinality}"
             )
         if self.latent_dim < 1:
-            raise ValueError(f"latent_dim must be >= 1, got {self.latent_dim}")
+            raise InputError(f"latent_dim must be >= 1, got {self.latent_dim}")
         if not 0 <= self.num_pairs <= math.comb(self.num_cat, 2):
-            raise ValueError(
+            raise InputError(
                 f"num_pairs must be in [0, {math.comb(self.num_cat, 2)}] for {self.num_cat} "
                 f"fields, got {self.num_pairs}"
             )
         if not 0 <= self.num_triples <= math.comb(self.num_cat, 3):
-            raise ValueError(
+            raise InputError(
                 f"num_triples must be in [0, {math.comb(self.num_cat, 3)}] for {self.num_cat} "
                 f"fields, got {self.num_triples}"
             )
@@ -149,12 +150,12 @@ class SyntheticSpec:
             self.numeric_strength,
         )
         if min(strengths) < 0:
-            raise ValueError("interaction strengths must be >= 0")
+            raise InputError("interaction strengths must be >= 0")
         for name in ("numeric_missing_rate", "cat_missing_rate"):
             if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+                raise InputError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if not 0.0 < self.base_rate < 1.0:
-            raise ValueError(f"base_rate must be in (0, 1), got {self.base_rate}")
+            raise InputError(f"base_rate must be in (0, 1), got {self.base_rate}")
 
     def resolved_cardinalities(self) -> tuple[int, ...]:
         if self.cardinalities is not None:
@@ -319,7 +320,7 @@ class SyntheticWorld:
     def _iter_raw(self, n: int, seed: int) -> Iterator[dict[str, np.ndarray]]:
         """Rows in fixed blocks: value ids, raw numerics, labels and the true probability."""
         if n < 0:
-            raise ValueError(f"n must be >= 0, got {n}")
+            raise InputError(f"n must be >= 0, got {n}")
         for block, start in enumerate(range(0, n, _BLOCK_ROWS)):
             # Always draw a whole block, so row i is the same whatever n is.
             ss = np.random.SeedSequence([seed, self.spec.world_seed], spawn_key=(2, block))
@@ -402,11 +403,11 @@ def write_synthetic(
     import pyarrow.compute as pc
 
     if fmt not in ("csv", "parquet"):
-        raise ValueError(f"fmt must be 'csv' or 'parquet', got {fmt!r}")
+        raise InputError(f"fmt must be 'csv' or 'parquet', got {fmt!r}")
     if rows < 1:
-        raise ValueError(f"rows must be >= 1, got {rows}")
+        raise InputError(f"rows must be >= 1, got {rows}")
     if chunk_rows < 1:
-        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+        raise InputError(f"chunk_rows must be >= 1, got {chunk_rows}")
     spec = spec if spec is not None else SyntheticSpec()
     world = SyntheticWorld.from_spec(spec)
     out = Path(out_dir)

@@ -52,6 +52,7 @@ from model.device import AMP_CHOICES, amp_dtype, resolve_device
 from model.distributed import Dist, from_env
 from model.distributed import init as init_group
 from model.distributed import shutdown as shutdown_group
+from model.errors import InputError
 from model.files import file_info, read_json
 from model.flops import model_flops
 from model.metrics import calibration, roc_auc
@@ -96,22 +97,22 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "eval_batch_size", "early_stop_patience"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+            raise InputError(f"lr must be > 0, got {self.lr}")
         if self.lr_patience < 0:
-            raise ValueError(f"lr_patience must be >= 0, got {self.lr_patience}")
+            raise InputError(f"lr_patience must be >= 0, got {self.lr_patience}")
         if self.calibrate not in CALIBRATIONS:
-            raise ValueError(f"calibrate must be one of {CALIBRATIONS}, got {self.calibrate!r}")
+            raise InputError(f"calibrate must be one of {CALIBRATIONS}, got {self.calibrate!r}")
         if self.threads is not None and self.threads < 1:
-            raise ValueError(f"threads must be >= 1, got {self.threads}")
+            raise InputError(f"threads must be >= 1, got {self.threads}")
         if self.amp not in AMP_CHOICES:
-            raise ValueError(f"amp must be one of {AMP_CHOICES}, got {self.amp!r}")
+            raise InputError(f"amp must be one of {AMP_CHOICES}, got {self.amp!r}")
         if self.embedding_optimizer not in EMBEDDING_OPTIMIZERS:
-            raise ValueError(f"embedding_optimizer must be one of {EMBEDDING_OPTIMIZERS}, "
+            raise InputError(f"embedding_optimizer must be one of {EMBEDDING_OPTIMIZERS}, "
                              f"got {self.embedding_optimizer!r}")
         if not self.embedding_lr > 0:
-            raise ValueError(f"embedding_lr must be > 0, got {self.embedding_lr}")
+            raise InputError(f"embedding_lr must be > 0, got {self.embedding_lr}")
 
 
 def _stderr(msg: str) -> None:
@@ -439,7 +440,7 @@ def train_run(
             f"cardinalities {data.encoders.cardinalities}, {data.encoders.num_dense} dense"
         )
         if data.rows("valid") == 0:
-            raise ValueError(
+            raise InputError(
                 "the validation split is empty: use more rows, a larger --valid-frac or "
                 "--valid-data"
             )
@@ -595,7 +596,7 @@ RUN_FILES: tuple[str, ...] = ("checkpoint.pt", "model_config.json", "encoders.js
                               "metrics.json")
 
 
-class RunFolderError(ValueError):
+class RunFolderError(InputError):
     """A run folder that cannot be loaded; the message names the file at fault."""
 
 

@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import Any
 
 from model.config import ARCHS
+from model.errors import InputError
 from model.overrides import Overrides
 from model.presets import LEVELS
 
@@ -81,7 +82,7 @@ def _stderr(msg: str) -> None:
 def space(kind: str) -> dict[str, tuple[str, Any, Any, bool, str]]:
     """The shared search space of ``--space KIND`` (the architecture's own keys come on top)."""
     if kind not in SPACES:
-        raise ValueError(f"--space must be one of {SPACES}, got {kind!r}")
+        raise InputError(f"--space must be one of {SPACES}, got {kind!r}")
     return {**SEARCH_SPACE, **(WIDE_SPACE if kind == "wide" else {})}
 
 
@@ -120,13 +121,13 @@ def start_params(arch: str, level: str, cards: Sequence[int], num_dense: int,
             getattr(cfg, name))
         inside = (low <= value_in <= high) if k == "float" else value_in in low
         if not inside:
-            raise ValueError(f"the default {name} = {value_in!r} is outside the search space")
+            raise InputError(f"the default {name} = {value_in!r} is outside the search space")
         values[name] = value_in
     for key in _arch_keys(arch, kind):
         if key.when is None or getattr(cfg, key.when[0]) == key.when[1]:
             value_in = getattr(cfg, key.name)
             if value_in not in key.choices:
-                raise ValueError(f"the default {key.name} = {value_in!r} is outside the "
+                raise InputError(f"the default {key.name} = {value_in!r} is outside the "
                                  "search space")
             values[key.name] = value_in
     return values
@@ -160,7 +161,7 @@ def tune_arch(data: Any, arch: str, level: str, storage: Any, trials: int,
     existing = study.get_trials(deepcopy=False)
     if existing:
         if study.user_attrs.get("identity") != identity:
-            raise ValueError(f"{arch}-{level}: the study in this folder was made on other data "
+            raise InputError(f"{arch}-{level}: the study in this folder was made on other data "
                              "or settings; use another --out")
         # a resumed sampler must not replay the first run's random start-up draws
         study.sampler = optuna.samplers.TPESampler(seed=seed + len(existing))
@@ -300,15 +301,15 @@ def run_tune(source: Any, split: Any, out_dir: str | Path, archs: Sequence[str],
 
     bad = [a for a in archs if a not in ARCHS]
     if bad:
-        raise ValueError(f"unknown architectures {bad}; choose from {ARCHS}")
+        raise InputError(f"unknown architectures {bad}; choose from {ARCHS}")
     if level not in LEVELS:
-        raise ValueError(f"unknown level {level!r}; choose from {LEVELS}")
+        raise InputError(f"unknown level {level!r}; choose from {LEVELS}")
     if trials < 1:
-        raise ValueError(f"--trials must be >= 1, got {trials}")
+        raise InputError(f"--trials must be >= 1, got {trials}")
     if seeds_per_trial < 1:
-        raise ValueError(f"--seeds-per-trial must be >= 1, got {seeds_per_trial}")
+        raise InputError(f"--seeds-per-trial must be >= 1, got {seeds_per_trial}")
     if confirm_seeds == 1 or confirm_seeds < 0:
-        raise ValueError(f"--confirm-seeds must be 0 (off) or >= 2, got {confirm_seeds}")
+        raise InputError(f"--confirm-seeds must be 0 (off) or >= 2, got {confirm_seeds}")
     if threads:
         torch.set_num_threads(threads)
     out = Path(out_dir)
@@ -348,7 +349,7 @@ def run_tune(source: Any, split: Any, out_dir: str | Path, archs: Sequence[str],
             from optuna.trial import TrialState
 
             if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-                raise ValueError(f"{arch}: no trial completed (all pruned or failed)")
+                raise InputError(f"{arch}: no trial completed (all pruned or failed)")
             best = best_overrides(study, arch, level)
             if confirm_seeds:
                 default = start_params(arch, level, data.encoders.cardinalities,
@@ -381,11 +382,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
     for path in [*args.data, *(args.valid_data or [])]:
         if not Path(path).exists():
-            raise ValueError(f"data file not found: {path}")
+            raise InputError(f"data file not found: {path}")
     try:
         import optuna  # noqa: F401
     except ImportError:
-        raise ValueError("mldcn tune needs Optuna: pip install 'mldcn[tune]'") from None
+        raise InputError("mldcn tune needs Optuna: pip install 'mldcn[tune]'") from None
     source = open_source(args.data, fmt=args.format, schema=args.schema)
     valid_source = (open_source(args.valid_data, fmt=args.format, schema=source.schema)
                     if args.valid_data else None)

@@ -47,6 +47,7 @@ import numpy as np
 
 from model.bench.results import machine as results_machine
 from model.bench.results import write_result
+from model.errors import InputError
 
 GRAPHS: tuple[str, ...] = ("dcnv2", "dcnv2_nocat", "mldcn", "mldcn_fused")
 CONFIGS: dict[str, dict[str, Any]] = {
@@ -494,7 +495,7 @@ def _ints(text: str) -> list[int]:
 
     values = comma_list(text, int, "integers")
     if not values or min(values) < 1:
-        raise ValueError(f"expected comma-separated integers >= 1, got {text!r}")
+        raise InputError(f"expected comma-separated integers >= 1, got {text!r}")
     return values
 
 
@@ -505,9 +506,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     configs = comma_list(args.configs)
     unknown = [c for c in configs if c not in CONFIGS]
     if unknown or not configs:
-        raise ValueError(f"unknown configs {unknown}; choose from {', '.join(CONFIGS)}")
+        raise InputError(f"unknown configs {unknown}; choose from {', '.join(CONFIGS)}")
     if args.repeats < 3:
-        raise ValueError(f"--repeats must be >= 3, got {args.repeats}")
+        raise InputError(f"--repeats must be >= 3, got {args.repeats}")
     report = run(configs, _ints(args.batches), _ints(args.threads), args.repeats,
                  args.target_s, _ints(args.profile_batches) if args.profile_batches else [])
     doc = Path(args.doc)

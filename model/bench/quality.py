@@ -40,6 +40,7 @@ import numpy as np
 from model.cliargs import comma_list
 from model.config import ARCHS
 from model.costs import resolved_token_dim
+from model.errors import InputError
 from model.overrides import Overrides, for_arch
 from model.presets import LEVELS, preset, preset_table
 from model.stats import mean_ci, paired_difference
@@ -361,12 +362,12 @@ def compare_studies(base_dir: str | Path, new_dir: str | Path) -> dict[str, Any]
     for d in (base_dir, new_dir):
         path = Path(d) / "study.json"
         if not path.is_file():
-            raise ValueError(f"{d} holds no study (no study.json)")
+            raise InputError(f"{d} holds no study (no study.json)")
         studies.append(json.loads(path.read_text()))
     same = ("files", "test_files", "valid_files", "split")
     a, b = (s["identity"] for s in studies)
     if any(a.get(k) != b.get(k) for k in same):
-        raise ValueError("the two studies do not share data and split; a paired comparison "
+        raise InputError("the two studies do not share data and split; a paired comparison "
                          "needs both")
     base, new = (
         {(c["arch"], c["level"], c["seed"]): c for c in load_cells(Path(d))}
@@ -499,18 +500,18 @@ def run_study(
 
     bad = [a for a in archs if a not in ARCHS]
     if bad:
-        raise ValueError(f"unknown architectures {bad}; choose from {ARCHS}")
+        raise InputError(f"unknown architectures {bad}; choose from {ARCHS}")
     bad = [lv for lv in levels if lv not in LEVELS]
     if bad:
-        raise ValueError(f"unknown levels {bad}; choose from {LEVELS}")
+        raise InputError(f"unknown levels {bad}; choose from {LEVELS}")
     if REFERENCE_ARCH not in archs:
-        raise ValueError("the study needs dcnv2 in --archs (the paired reference)")
+        raise InputError("the study needs dcnv2 in --archs (the paired reference)")
     if not seeds:
-        raise ValueError("the study needs at least one seed")
+        raise InputError("the study needs at least one seed")
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        raise ValueError(
+        raise InputError(
             "the report's plot needs matplotlib: pip install 'mldcn[bench]'"
         ) from None
     if threads:
@@ -535,7 +536,7 @@ def run_study(
     if study_path.exists():
         old = json.loads(study_path.read_text())
         if old.get("identity") != json.loads(json.dumps(identity)):
-            raise ValueError(
+            raise InputError(
                 f"{out} holds a study with other data or training settings ({study_path}); "
                 "use another --out or delete it"
             )
@@ -666,7 +667,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
     for path in [*args.data, *(args.valid_data or []), *(args.test_data or [])]:
         if not Path(path).exists():
-            raise ValueError(f"data file not found: {path}")
+            raise InputError(f"data file not found: {path}")
     source = open_source(args.data, fmt=args.format, schema=args.schema)
     valid_source, test_source = (
         open_source(paths, fmt=args.format, schema=source.schema) if paths else None
