@@ -107,11 +107,11 @@ def check_layout(cardinalities: Sequence[int], num_dense: int) -> list[int]:
     cards = list(cardinalities)
     bad = [c for c in cards if not _is_int(c) or c < 1]
     if bad:
-        raise ValueError(f"cardinalities must be integers >= 1, got {bad[:5]}")
+        raise ConfigError(f"cardinalities must be integers >= 1, got {bad[:5]}")
     if not _is_int(num_dense) or num_dense < 0:
-        raise ValueError(f"num_dense must be an integer >= 0, got {num_dense!r}")
+        raise ConfigError(f"num_dense must be an integer >= 0, got {num_dense!r}")
     if not cards and num_dense == 0:
-        raise ValueError("a model needs at least one categorical or one dense field")
+        raise ConfigError("a model needs at least one categorical or one dense field")
     return cards
 
 
@@ -119,7 +119,7 @@ def check_token_layout(cfg: ModelConfig, d: int, num_fields: int | None,
                        num_dense: int | None) -> None:
     """The layout check of the token-based archs (WuKong, RankMixer): they read x0 of width
     ``d`` as F_cat (``num_fields``) embeddings of width e plus F_num (``num_dense``) dense
-    features, so both must be given and d = F_cat·e + F_num; ValueError otherwise."""
+    features, so both must be given and d = F_cat·e + F_num; ValueError (a bug) otherwise."""
     if num_fields is None or num_dense is None:
         raise ValueError(f"arch {cfg.arch!r} needs num_fields and num_dense")
     if num_fields * cfg.embed_dim + num_dense != d:
