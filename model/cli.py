@@ -221,12 +221,18 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     from model.distributed import from_env
 
     if bayes_auc is not None and from_env().main:
-        metrics["bayes_auc"] = bayes_auc
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        print(f"synthetic data: Bayes-optimal AUC {bayes_auc:.4f}, "
-              f"test AUC {metrics['test']['auc']:.4f} "
-              f"(gap {bayes_auc - metrics['test']['auc']:.4f})", file=sys.stderr)
+        record_bayes_auc(out, metrics, bayes_auc)
     return metrics
+
+
+def record_bayes_auc(out: Path, metrics: dict[str, Any], bayes_auc: float) -> None:
+    """Add the synthetic data's Bayes-optimal AUC to a run's metrics.json (export carries it
+    into model.json) and say how far the test AUC is from it."""
+    metrics["bayes_auc"] = bayes_auc
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    print(f"synthetic data: Bayes-optimal AUC {bayes_auc:.4f}, "
+          f"test AUC {metrics['test']['auc']:.4f} "
+          f"(gap {bayes_auc - metrics['test']['auc']:.4f})", file=sys.stderr)
 
 
 def cmd_synth(args: argparse.Namespace) -> None:
@@ -258,15 +264,26 @@ def cmd_demo(args: argparse.Namespace) -> None:
     lr 3e-3 rather than the BARS 1e-3: on 200k rows, 1e-3 needs more epochs than the demo's
     time budget to approach the Bayes bound.
     """
+    from model.presets import LEVELS, preset
+    from model.split import SplitSpec
+    from model.synthetic import synthetic_source
+    from model.train import TrainConfig, train_run
+
+    if args.preset not in LEVELS:
+        raise CLIError(f"unknown preset {args.preset!r} (choose from {', '.join(LEVELS)})")
+    if args.rows < 100:
+        raise CLIError("--rows must be at least 100")
     out = Path(args.out)
+    source, bayes_auc = synthetic_source(args.rows, seed=0)
+    # the preset's widths need only the layout (cardinalities cost no FLOPs)
+    layout = [2] * len(source.schema.categorical), len(source.schema.numeric)
+    train_cfg = TrainConfig(epochs=args.epochs, lr=3e-3, device="auto")
     rows = []
     for arch in ("mldcn", "dcnv2"):
-        ns = build_parser().parse_args([
-            "train", "--arch", arch, "--preset", args.preset,
-            "--synthetic-rows", str(args.rows), "--epochs", str(args.epochs), "--lr", "3e-3",
-            "--out", str(out / "runs" / arch), "--overwrite",
-        ])
-        m = cmd_train(ns)
+        run = out / "runs" / arch
+        m = train_run(source, preset(arch, args.preset, *layout), train_cfg, SplitSpec(), run,
+                      overwrite=True)
+        record_bayes_auc(run, m, bayes_auc)
         rows.append((arch, m))
     print(f"\n{'arch':<8} {'MFLOPs/ex':>10} {'params':>9} {'valid AUC':>10} {'test AUC':>9} "
           f"{'Bayes AUC':>10} {'train ex/s':>11}")
@@ -287,10 +304,9 @@ def cmd_demo(args: argparse.Namespace) -> None:
           f"  curl -s http://127.0.0.1:{args.port}/metrics | grep mldcn_requests_total\n"
           "(set \"model\" to \"dcnv2\" for the other model; Ctrl-C stops)\n",
           flush=True)
-    from service.cli import cmd_serve
+    from service.cli import serve
 
-    cmd_serve(build_parser().parse_args(
-        ["serve", "--repo", str(out / "models"), "--port", str(args.port)]))
+    serve({"MLDCN_REPO": str(out / "models"), "MLDCN_PORT": str(args.port)})
 
 
 def demo_request(run: Path, candidates: int = 3) -> dict[str, Any]:

@@ -18,6 +18,7 @@ import argparse
 import os
 import sys
 import typing
+from collections.abc import Mapping
 from typing import Any
 
 # Settings fields that are no flags: set by the supervisor of --workers, or a secret (a token on
@@ -83,15 +84,28 @@ def serve_env(args: argparse.Namespace) -> dict[str, str]:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
+    """``mldcn serve FLAGS``: the flags as MLDCN_* settings, then :func:`serve`."""
     from model.errors import CLIError
 
     try:
         flags = serve_parser().parse_args(args.flags)
+    except ImportError as e:
+        raise CLIError(f"mldcn serve needs the serve extra (pip install '.[serve]'): {e}"
+                       ) from None
+    serve(serve_env(flags), access_log=flags.access_log)
+
+
+def serve(env: Mapping[str, str], access_log: bool = False) -> None:
+    """Check the settings (the MLDCN_* variables ``env`` over the process environment's) and
+    the repository, then run the service until it stops; CLIError for bad settings."""
+    from model.errors import CLIError
+
+    try:
         from pydantic import ValidationError
     except ImportError as e:
         raise CLIError(f"mldcn serve needs the serve extra (pip install '.[serve]'): {e}"
                        ) from None
-    os.environ.update(serve_env(flags))
+    os.environ.update(env)
     from service.settings import get_settings
 
     get_settings.cache_clear()
@@ -129,6 +143,6 @@ def cmd_serve(args: argparse.Namespace) -> None:
           f"http://{settings.host}:{settings.port} ({settings.workers} worker(s), budget "
           f"{settings.default_timeout_ms:g} ms, timeout_action {settings.timeout_action})",
           file=sys.stderr, flush=True)
-    code = run(settings, access_log=flags.access_log)
+    code = run(settings, access_log=access_log)
     if code:
         raise SystemExit(code)
