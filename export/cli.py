@@ -96,7 +96,13 @@ def _num(value: Any, scale: float, fmt: str) -> str:
 
 def cmd_models_list(args: argparse.Namespace) -> None:
     """Print the repository listing."""
-    from export.repository import ModelRepository
+    try:
+        from export.repository import ModelRepository
+    except ImportError as e:  # model.json is read with pydantic
+        from model.errors import CLIError
+
+        raise CLIError(f"mldcn models list needs the export extra (pip install '.[export]'): "
+                       f"{e}") from None
 
     print(format_listing(ModelRepository(args.models_dir), verify=args.verify))
 

@@ -17,8 +17,8 @@
    ``PARITY_BATCH_SIZES`` (real rows topped up with random ones where there are too few), and on
    all validation rows for the AUC. fp32 must agree within ``FP32_TOLERANCE`` (max absolute
    difference of probabilities), else ``ParityError`` and nothing is written;
-4. write model.json (see ``export.repository``; ``onnx.graph_form`` and the graph's operator
-   counts record which form was written) and publish the folder with one ``os.rename``.
+4. write model.json (a checked ``export.meta.ModelMeta``; ``onnx.graph_form`` and the graph's
+   operator counts record which form was written) and publish the folder with one ``os.rename``.
 
 External data (``external_data``, ``mldcn export --external-data``): one protobuf file cannot
 exceed 2 GiB, so a graph with larger tensors (a wide hashed embedding table) is stored as

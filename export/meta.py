@@ -136,7 +136,9 @@ Count = Annotated[StrictInt, Field(ge=0)]
 
 
 class _Record(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # keys this version does not know are dropped, not refused: files from other writers (or a
+    # later minor version) still load; format_version guards the changes that break readers
+    model_config = ConfigDict(frozen=True, extra="ignore")
 
 
 class TensorSpec(_Record):
@@ -144,13 +146,22 @@ class TensorSpec(_Record):
 
     name: str
     dtype: Literal["int64", "float32"]
-    datatype: str
+    datatype: str = ""  # the KServe name; from ``dtype`` when absent
     shape: list[Literal["batch"] | StrictInt]
     description: str = ""
 
+    @model_validator(mode="after")
+    def _datatype(self) -> TensorSpec:
+        if not self.datatype:
+            object.__setattr__(self, "datatype", DTYPES[self.dtype][1])
+        return self
+
 
 class ExternalData(_Record):
-    """The external data file of a graph stored with ONNX external data."""
+    """The external data file of a graph stored with ONNX external data (no other keys: a
+    storage detail this version does not know must not be ignored)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     file: Literal["model.onnx.data"]
     sha256: Sha256
@@ -170,9 +181,9 @@ class Cost(_Record):
     """FLOPs and parameters per example (``model.flops``)."""
 
     model_config = ConfigDict(frozen=True, extra="allow")
-    flops_per_example: float | None = None
-    matmul_flops_per_example: float | None = None
-    params: StrictInt | None = None
+    flops_per_example: int | float | None = None  # an int stays an int
+    matmul_flops_per_example: int | float | None = None
+    params: int | float | None = None
 
 
 class OnnxInfo(_Record):
@@ -180,8 +191,8 @@ class OnnxInfo(_Record):
     operator counts (the last three absent in older files)."""
 
     model_config = ConfigDict(frozen=True, extra="allow")
-    opset: StrictInt | None = None
-    ir_version: StrictInt | None = None
+    opset: int | None = None
+    ir_version: int | None = None
     exporter: str | None = None
     torch_version: str | None = None
     onnx_version: str | None = None
@@ -203,14 +214,14 @@ class Source(_Record):
 
     model_config = ConfigDict(frozen=True, extra="allow")
     run_dir: str | None = None
-    checkpoint_sha256: Sha256 | None = None
+    checkpoint_sha256: str | None = None
 
 
 class ModelMeta(_Record):
     """A parsed, consistent model.json (see the module docstring for the fields)."""
 
     format_version: Literal[2] = META_FORMAT_VERSION
-    created_at: str
+    created_at: str | None  # None only in files from other writers
     model_file: Literal["model.onnx"] = MODEL_FILE
     sha256: Sha256
     bytes: Count
@@ -242,6 +253,7 @@ class ModelMeta(_Record):
             encoders = FeatureEncoders.from_dict(self.encoders)
         except (SchemaError, AttributeError, TypeError, KeyError, ValueError) as e:
             raise ValueError(f"encoders are not valid: {e}") from None
+        self.__dict__["feature_encoders"] = encoders  # parsed once: feature_encoders' cache
         if (self.model.cardinalities != encoders.cardinalities
                 or self.model.num_dense != encoders.num_dense):
             raise ValueError(

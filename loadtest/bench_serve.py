@@ -407,7 +407,8 @@ def _f(v: float | None, digits: int = 1) -> str:
 
 def format_table(result: dict[str, Any]) -> str:
     """The printed summary (also the README table's source)."""
-    lines = [f"{result['machine']['cpu']}; server on cores "
+    hw = result["machine"]  # "processor" in results written before the shared writer
+    lines = [f"{hw.get('cpu', hw.get('processor'))}; server on cores "
              f"{result['machine']['server_cores']}, client on {result['machine']['client_cores']};"
              f" {result['candidates']} candidates per request, SLO p99 <= {result['slo_ms']:g} ms"
              f" and < 0.1% unserved"]
@@ -433,7 +434,12 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     """``mldcn bench serve`` (the options: service/cli.py)."""
     from model.cliargs import comma_list
 
-    models = dict(part.split("=", 1) for part in comma_list(args.models))
+    parts = comma_list(args.models)
+    bad = [p for p in parts if "=" not in p or not all(p.split("=", 1))]
+    if bad or not parts:
+        raise LoadTestError(f"--models takes SIZE=NAME pairs, e.g. small=mldcn-small, got "
+                            f"{args.models!r}")
+    models = dict(part.split("=", 1) for part in parts)
     servers = comma_list(args.servers)
     unknown = [s for s in servers if s not in SERVERS]
     if unknown:

@@ -121,8 +121,13 @@ def cmd_bench_gpu(args: argparse.Namespace) -> None:
 
 def cmd_bench_serve(args: argparse.Namespace) -> None:
     from loadtest import bench_serve
+    from loadtest.runner import LoadTestError
+    from model.errors import CLIError
 
-    bench_serve.main(args)
+    try:
+        bench_serve.main(args)
+    except LoadTestError as e:
+        raise CLIError(str(e)) from None
 
 
 def add_loadtest_commands(sub: Any) -> None:

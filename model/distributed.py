@@ -134,10 +134,11 @@ def init(d: Dist, device: torch.device) -> None:
 
 
 def shutdown(d: Dist, *, together: bool) -> None:
-    """Leave the process group. ``together`` (a run that succeeded on every rank): wait for all
-    ranks first, so none tears its group down while rank 0 still writes the run folder (an
-    early leaver's gloo threads can abort the process at exit). The group's objects are freed
-    here, while the interpreter is fully alive, not during its teardown."""
+    """Leave the process group. ``together``: this rank is past the run's last collective (as
+    every rank then is): wait for all ranks first, so none tears its group down while rank 0
+    still writes the run folder (an early leaver's gloo threads can abort the process at exit);
+    rank 0 reaches the barrier whether its writing succeeded or failed, so no rank waits for
+    one that left. The group's objects are freed here, while the interpreter is fully alive."""
     if d.world > 1 and dist.is_initialized():
         if together:
             dist.barrier()

@@ -157,12 +157,19 @@ def predict(
     return d.gather(y_all, p_all)
 
 
+class DivergedError(InputError):
+    """Training diverged (non-finite predictions): a setting, typically the learning rate."""
+
+
 def evaluate(model: nn.Module, shards: list[Shard], batch_size: int,
              dist: Dist | None = None, amp: torch.dtype | None = None) -> dict[str, float]:
     """AUC, logloss and calibration (:func:`model.metrics.calibration`: mean predicted and
     observed CTR, their ratio, ECE) over the shards (all ranks' rows with ``dist``); AUC is NaN
     with a single class."""
     y, p = predict(model, shards, batch_size, dist=dist, amp=amp)
+    if not np.isfinite(p).all():
+        raise DivergedError("the model's predictions are not finite: training diverged (lower "
+                            "--lr, or train with a smaller batch)")
     if y.size == 0:
         return {"auc": float("nan"), "logloss": float("nan"), "rows": 0}
     auc = roc_auc(y, p) if 0 < y.sum() < y.size else float("nan")
@@ -422,7 +429,7 @@ def train_run(
 
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     data: PreparedData | None = None
-    finished = False
+    trained = False  # every rank is past the last collective (then all leave together)
     if d.main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -458,6 +465,7 @@ def train_run(
         amp = amp_dtype(device, train_cfg.amp)
         valid = evaluate(model, data.shards["valid"], train_cfg.eval_batch_size, d, amp)
         test = evaluate(model, data.shards["test"], train_cfg.eval_batch_size, d, amp)
+        trained = True
         log(f"best: valid_auc {valid['auc']:.4f}  test_auc {test['auc']:.4f}  "
             f"test_logloss {test['logloss']:.4f}  test pred/obs CTR "
             f"{test.get('pred_obs_ratio', float('nan')):.3f}  test ECE "
@@ -494,7 +502,6 @@ def train_run(
             "torch_version": torch.__version__,
         }
         if not d.main:
-            finished = True
             return metrics
         model.cpu()
         write_samples(tmp / "samples", source, data)
@@ -513,7 +520,6 @@ def train_run(
             shutil.rmtree(out)
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp.rename(out)
-        finished = True
     except BaseException:
         if d.main:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -521,7 +527,7 @@ def train_run(
     finally:
         if previous_sigterm is not None:
             signal.signal(signal.SIGTERM, previous_sigterm)
-        shutdown_group(d, together=finished)
+        shutdown_group(d, together=trained)
     log(f"wrote {out}")
     return metrics
 

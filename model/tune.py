@@ -10,9 +10,11 @@ and activation), for which the preset re-solves the width, so FLOPs stay matched
 trial trains one model (seed ``--seed``) on the same prepared data and reports its validation
 AUC after each epoch; a trial whose AUC falls below the median of earlier trials at the same
 epoch is pruned (``MedianPruner``: not before ``PRUNE_STARTUP`` trials have finished, nor in
-the first epoch). A trial that is not pruned trains ``--seeds-per-trial`` seeds in all, and its
-value is the mean of their best validation AUCs: one seed's luck (±0.001 AUC on these datasets)
-is as large as most of the differences a search finds, so a one-seed winner is often noise.
+the first epoch); so is a trial whose settings have no matched-FLOPs preset on this layout or
+whose training diverges (an ``InputError``: the reason is logged). A trial that is not pruned
+trains ``--seeds-per-trial`` seeds in all, and its value is the mean of their best validation
+AUCs: one seed's luck (±0.001 AUC on these datasets) is as large as most of the differences a
+search finds, so a one-seed winner is often noise.
 Test rows are never read. The first trial of a new study is the recipe the search starts from
 (the preset's model settings, ``--lr`` and ``--batch-size``), so the best trial is never worse on
 validation than the default.
@@ -196,6 +198,10 @@ def tune_arch(data: Any, arch: str, level: str, storage: Any, trials: int,
                                      (lambda row: report(row, trial)) if k == 0 else None)
                 bests.append(best)
                 epochs.append(n)
+        except InputError as e:  # no matched-FLOPs preset for these settings, or diverged
+            log(f"  trial {trial.number}: pruned, {e}")
+            trial.set_user_attr("pruned_because", str(e))
+            raise optuna.TrialPruned(str(e)) from None
         finally:
             trial.set_user_attr("train_s", time.perf_counter() - t0)
         value = float(np.mean(bests))

@@ -113,3 +113,16 @@ def test_error_generic_csv_without_schema(tmp_path) -> None:
     f = tmp_path / "x.csv"
     f.write_text("a,b,label\n1,2,0\n")
     _one_line_error(_run_cli("train", "--data", str(f), cwd=tmp_path), "schema")
+
+
+@pytest.mark.parametrize(("args", "words"), [
+    (["--lr", "1000"], ("training diverged", "--lr")),
+    (["--arch", "rankmixer", "--set", "token_dim=30"], ("token_dim", "multiple")),
+])
+def test_error_settings_found_only_in_training(tmp_path, args, words) -> None:
+    """Bad settings that show only once the model is built or trained are input errors too:
+    one line, exit 2 (a plain ValueError would be a bug with a traceback)."""
+    proc = _run_cli("train", "--synthetic-rows", "500", *args, *QUICK, cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]  # after the run's progress log
+    assert last.startswith("mldcn: error: ") and all(w in last for w in words), last

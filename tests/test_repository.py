@@ -250,6 +250,17 @@ def test_version_1_files_still_load(repo, encoders) -> None:
     assert loaded.meta.format_version == 2 and loaded.meta.schema == encoders.schema.to_dict()
     assert loaded.encoders.to_dict() == encoders.to_dict()
     assert "schema" not in json.loads(loaded.meta.to_json())  # rewritten: stored once
+    # what the old reader never checked still loads: unknown keys, a tensor without its
+    # KServe datatype, a float parameter count
+    lax = json.loads(json.dumps(v1))
+    lax["notes"] = "hand-written"
+    lax["model"]["owner"] = "ads"
+    del lax["inputs"][0]["datatype"]
+    lax["cost"]["params"] = 50.0
+    mv.meta_path.write_text(json.dumps(lax))
+    meta = ModelRepository(repo).load_version("other").verify().meta
+    assert meta.inputs[0].datatype == "INT64" and meta.cost.params == 50.0
+    assert meta.cost.flops_per_example == 1000 and isinstance(meta.cost.flops_per_example, int)
     v1["schema"]["fields"][0]["side"] = "candidate"
     mv.meta_path.write_text(json.dumps(v1))
     with pytest.raises(RepositoryError, match="schema disagrees with the encoders' schema"):

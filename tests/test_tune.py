@@ -165,3 +165,30 @@ def test_wide_space_searches_the_architectures_own_settings_at_matched_flops(sha
     assert set(own["dcnv2"]) <= set(config["model"])
     # a recipe-space resume of a wide study is refused (other settings)
     assert main([*args[:-4], "--out", str(out)]) == 2
+
+
+def test_a_trial_without_a_matched_preset_is_pruned_not_fatal(shared_data, tmp_path,
+                                                              monkeypatch) -> None:
+    """Settings the preset cannot match at this layout (or a diverged run) raise an InputError
+    inside a trial: the trial is pruned with its reason and the search goes on."""
+    import model.tune as tune
+    from model.errors import InputError
+
+    real = tune.train_once
+
+    def picky(data, arch, level, o, train_kw, seed, on_epoch=None):
+        if o.train["batch_size"] != 1024:  # every trial but the default's
+            raise InputError("cannot match dcnv2 to the small reference")
+        return real(data, arch, level, o, train_kw, seed, on_epoch)
+
+    monkeypatch.setattr(tune, "train_once", picky)
+    data = str(shared_data / "criteo_sample" / "criteo_kaggle_raw_1k.tsv")
+    out = tmp_path / "tune"
+    assert main(["tune", "--data", data, "--archs", "dcnv2", "--level", "small", "--trials",
+                 "4", "--epochs", "1", "--threads", "1", "--seeds-per-trial", "1",
+                 "--out", str(out)]) == 0
+    trials = _trials(out, "dcnv2-small")
+    assert len(trials) == 4 and trials[0].state.name == "COMPLETE"
+    pruned = [t for t in trials if t.params["batch_size"] != 1024]
+    assert pruned and all(t.state.name == "PRUNED" and "cannot match" in
+                          t.user_attrs["pruned_because"] for t in pruned)

@@ -41,6 +41,7 @@ from model.cliargs import comma_list
 from model.config import ARCHS
 from model.costs import resolved_token_dim
 from model.errors import InputError
+from model.files import read_json
 from model.overrides import Overrides, for_arch
 from model.presets import LEVELS, preset, preset_table
 from model.stats import mean_ci, paired_difference
@@ -67,7 +68,7 @@ def load_cells(out_dir: Path) -> list[dict[str, Any]]:
     folder = Path(out_dir) / "cells"
     if not folder.is_dir():
         return []
-    return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
+    return [read_json(p, InputError) for p in sorted(folder.glob("*.json"))]
 
 
 def train_cell(
@@ -363,7 +364,10 @@ def compare_studies(base_dir: str | Path, new_dir: str | Path) -> dict[str, Any]
         path = Path(d) / "study.json"
         if not path.is_file():
             raise InputError(f"{d} holds no study (no study.json)")
-        studies.append(json.loads(path.read_text()))
+        study = read_json(path, InputError)
+        if not isinstance(study, dict) or not isinstance(study.get("identity"), dict):
+            raise InputError(f"{path}: not a study (no identity)")
+        studies.append(study)
     same = ("files", "test_files", "valid_files", "split")
     a, b = (s["identity"] for s in studies)
     if any(a.get(k) != b.get(k) for k in same):
@@ -534,8 +538,8 @@ def run_study(
                                  for a, o in recipes.items()}
     study_path = out / "study.json"
     if study_path.exists():
-        old = json.loads(study_path.read_text())
-        if old.get("identity") != json.loads(json.dumps(identity)):
+        old = read_json(study_path, InputError)
+        if not isinstance(old, dict) or old.get("identity") != json.loads(json.dumps(identity)):
             raise InputError(
                 f"{out} holds a study with other data or training settings ({study_path}); "
                 "use another --out or delete it"

@@ -112,6 +112,8 @@ def table_memory(data: list[str], fmt: str, schema: dict[str, Any], buckets: int
 def main(args: Any) -> None:
     from model.bench.results import write_result
     from model.bench.train import machine
+    from model.errors import InputError
+    from model.files import read_json
 
     data = list(args.data)
     data_args = ["--schema", args.schema] if args.schema else []
@@ -123,7 +125,7 @@ def main(args: Any) -> None:
                         args.repeats, tmp, args.preset)
         mem = []
         if args.buckets:
-            schema = json.loads(Path(args.memory_schema).read_text())
+            schema = read_json(Path(args.memory_schema), InputError)
             mem = table_memory(list(args.memory_data), args.memory_format, schema, args.buckets,
                                args.arch, tmp)
     lines = [f"\n{'setting':<48} {'ex/s':>10} {'speed-up':>9} {'valid AUC':>10}"]

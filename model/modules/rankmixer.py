@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.checks import check_sizes
+from model.errors import InputError
 
 
 def default_token_dim(num_tokens: int, embed_dim: int) -> int:
@@ -60,8 +61,8 @@ class RankMixerLayer(nn.Module):
     def __init__(self, num_tokens: int, token_dim: int, ffn_hidden: int) -> None:
         super().__init__()
         check_sizes(num_tokens=num_tokens, token_dim=token_dim, ffn_hidden=ffn_hidden)
-        if token_dim % num_tokens:
-            raise ValueError(
+        if token_dim % num_tokens:  # a setting (token_dim) the user chose: an input error
+            raise InputError(
                 f"token_dim must be a multiple of the number of tokens ({num_tokens}) for token "
                 f"mixing, got {token_dim}"
             )
