@@ -171,3 +171,18 @@ def test_study_needs_the_dcnv2_reference(tiny_data, tmp_path, capsys) -> None:
     assert main(["bench", "quality", "--data", str(data), "--schema", str(schema), "--archs",
                  "mldcn", "--out", str(tmp_path / "s")]) == 2
     assert "dcnv2" in capsys.readouterr().err
+
+
+def test_studies_pair_on_the_same_data_read_from_another_path() -> None:
+    """Pairing compares the data by content and the split, not the path it was read from."""
+    from model.bench.quality import _data_of
+
+    def identity(path: str, sha: str) -> dict:
+        return {"files": [{"path": path, "sha256": sha, "bytes": 10}],
+                "test_files": [], "split": {"kind": "random", "seed": 0}}
+
+    assert _data_of(identity("../shared/a.parquet", "ab")) == _data_of(
+        identity("/work/shared/a.parquet", "ab"))
+    assert _data_of(identity("a.parquet", "ab")) != _data_of(identity("a.parquet", "cd"))
+    other_split = {**identity("a.parquet", "ab"), "split": {"kind": "time", "seed": 0}}
+    assert _data_of(other_split) != _data_of(identity("a.parquet", "ab"))

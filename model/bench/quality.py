@@ -351,6 +351,16 @@ def render_markdown(report: dict[str, Any]) -> str:
 # --- two studies ----------------------------------------------------------------------------------
 
 
+def _data_of(identity: dict[str, Any]) -> tuple[Any, ...]:
+    """What pairing needs equal: the data files by content (SHA-256 and size, not the path they
+    were read from) and the split."""
+    def contents(files: Any) -> list[tuple[Any, Any]]:
+        return [(f.get("sha256"), f.get("bytes")) for f in files or []]
+
+    return (*(contents(identity.get(k)) for k in ("files", "test_files", "valid_files")),
+            identity.get("split"))
+
+
 def compare_studies(base_dir: str | Path, new_dir: str | Path) -> dict[str, Any]:
     """Study ``new`` against study ``base`` cell by cell: per (arch, level), the paired
     difference new − base of test AUC and logloss over the seeds both finished.
@@ -368,9 +378,8 @@ def compare_studies(base_dir: str | Path, new_dir: str | Path) -> dict[str, Any]
         if not isinstance(study, dict) or not isinstance(study.get("identity"), dict):
             raise InputError(f"{path}: not a study (no identity)")
         studies.append(study)
-    same = ("files", "test_files", "valid_files", "split")
     a, b = (s["identity"] for s in studies)
-    if any(a.get(k) != b.get(k) for k in same):
+    if _data_of(a) != _data_of(b):
         raise InputError("the two studies do not share data and split; a paired comparison "
                          "needs both")
     base, new = (
