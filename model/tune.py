@@ -31,9 +31,10 @@ is refused. Every architecture gets the same budget (``--trials`` and
 the best trial's settings and the default recipe each train K fresh seeds (``seed`` + 1000 + k,
 never a search seed), paired, on validation AUC; the best is written only if the 95% t-interval
 of the mean paired gain lies above 0, else the default recipe is, and the config records the
-numbers under ``confirmation``. (On MovieLens-100K and the Criteo set, searches' winners gained
-up to 0.001 validation AUC over the default and lost up to 0.0027 test AUC:
-docs/quality/recipe/.)
+numbers under ``confirmation``. (On MovieLens-100K and the Criteo set, recipe-space winners
+gained up to 0.001 validation AUC over the default and lost up to 0.0027 test AUC; with
+``--space wide`` and the check, a tuned ML-DCN gained 0.0004 test AUC on Criteo:
+docs/quality/recipe/ and docs/quality/recipe/wide/.)
 
 Outputs, per architecture: ``OUT/ARCH-LEVEL.json``, a config file (``model.overrides``) with
 the best trial's settings, which ``mldcn train --config`` and ``mldcn bench quality --config``
