@@ -24,7 +24,8 @@ class OneLineParser(argparse.ArgumentParser):
 def comma_list(text: str, kind: Callable[[str], T] = str,  # type: ignore[assignment]
                what: str = "values") -> list[T]:
     """The items of ``text`` ("a, b,,c"), stripped, empty ones dropped, each converted by
-    ``kind``; ValueError naming ``what`` and the text when an item does not convert.
+    ``kind``; InputError (a ValueError) naming ``what`` and the text when an item does not
+    convert.
 
     Example:
         >>> comma_list(" mldcn, dcnv2,")
@@ -34,7 +35,7 @@ def comma_list(text: str, kind: Callable[[str], T] = str,  # type: ignore[assign
         >>> comma_list("1,x", float, "rates")
         Traceback (most recent call last):
         ...
-        ValueError: expected comma-separated rates, got '1,x'
+        model.errors.InputError: expected comma-separated rates, got '1,x'
     """
     try:
         return [kind(item) for item in (t.strip() for t in text.split(",")) if item]
