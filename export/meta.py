@@ -221,7 +221,7 @@ class ModelMeta(_Record):
     """A parsed, consistent model.json (see the module docstring for the fields)."""
 
     format_version: Literal[2] = META_FORMAT_VERSION
-    created_at: str | None  # None only in files from other writers
+    created_at: str | None = None  # None only in files from other writers
     model_file: Literal["model.onnx"] = MODEL_FILE
     sha256: Sha256
     bytes: Count
@@ -290,6 +290,26 @@ class ModelMeta(_Record):
         """The file's text: strict JSON, indented, non-finite numbers as null."""
         return json.dumps(json_safe(self.model_dump(mode="json")), indent=2,
                           allow_nan=False) + "\n"
+
+
+def unknown_keys(data: Mapping[str, Any]) -> list[str]:
+    """Keys of a model.json mapping that :class:`ModelMeta` does not know (at the top level, in
+    ``model`` and in the tensor entries): reading ignores them, the writer refuses them.
+
+    Example:
+        >>> unknown_keys({"format_version": 2, "sha256": "", "notes": 1, "model": {"arch": "x",
+        ...               "owner": 1}, "inputs": [{"name": "a", "typo": 1}]})
+        ['notes', 'model.owner', 'inputs[0].typo']
+    """
+    out = [k for k in data if k not in ModelMeta.model_fields and k != "schema"]
+    model = data.get("model")
+    if isinstance(model, Mapping):
+        out += [f"model.{k}" for k in model if k not in ModelInfo.model_fields]
+    for key in ("inputs", "outputs"):
+        for i, t in enumerate(data.get(key) or []):
+            if isinstance(t, Mapping):
+                out += [f"{key}[{i}].{k}" for k in t if k not in TensorSpec.model_fields]
+    return out
 
 
 def _from_version_1(data: dict[str, Any]) -> dict[str, Any]:

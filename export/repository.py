@@ -71,6 +71,7 @@ from export.meta import (
     MetaError,
     ModelMeta,
     json_safe,
+    unknown_keys,
 )
 from model.checks import check_sizes
 from model.encoders import FeatureEncoders
@@ -419,6 +420,10 @@ def publish(staging: Path, model_dir: Path, version: int | None = None, attempts
 def write_meta(path: Path, meta: ModelMeta | Mapping[str, Any]) -> ModelMeta:
     """Write model.json (strict JSON, non-finite numbers as null); a mapping is checked as
     :class:`ModelMeta` first (RepositoryError naming ``path``). Returns what was written."""
+    if not isinstance(meta, ModelMeta):
+        unknown = unknown_keys(meta)
+        if unknown:  # a reader would drop them: a writer's mistake (a typo, a missing field)
+            raise _fail(path, f"keys this model.json format does not have: {unknown}")
     typed = meta if isinstance(meta, ModelMeta) else validate_meta(json_safe(dict(meta)), path)
     path.write_text(typed.to_json())
     return typed

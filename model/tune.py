@@ -276,21 +276,40 @@ def confirm(data: Any, arch: str, level: str, best: dict[str, Any], default: dic
     """The no-regret check: the best trial's settings and the default recipe trained on
     ``seeds`` fresh seeds each (paired), valid AUC only. The best is kept only if the mean
     paired gain's 95% t-interval lies above 0; else the default is (a search's winner on a few
-    seeds is often noise that does not carry over to test rows)."""
+    seeds is often noise that does not carry over to test rows). A run that diverges (an
+    InputError) counts as null: the best is then never kept if it diverged, and kept if only
+    the default did."""
     from model.stats import mean_ci
 
-    values: dict[str, list[float]] = {"best": [], "default": []}
+    values: dict[str, list[float | None]] = {"best": [], "default": []}
     for k in range(seeds):
         for name, params in (("best", best), ("default", default)):
-            auc, _ = train_once(data, arch, level, _params_overrides(params), train_kw,
-                                seed + CONFIRM_SEED_OFFSET + k)
+            try:
+                auc: float | None = train_once(data, arch, level, _params_overrides(params),
+                                               train_kw, seed + CONFIRM_SEED_OFFSET + k)[0]
+            except InputError:
+                auc = None
             values[name].append(auc)
-    gain = mean_ci([b - d for b, d in zip(values["best"], values["default"], strict=True)])
-    mean, half = gain["mean"], gain["half_width"]
+    gains = [b - d for b, d in zip(values["best"], values["default"], strict=True)
+             if b is not None and d is not None]
+    stats = mean_ci(gains) if gains else {"mean": float("nan"), "half_width": float("nan")}
+    mean, half = stats["mean"], stats["half_width"]
+    if None in values["best"]:
+        kept = "default"
+    elif None in values["default"]:
+        kept = "best"
+    else:
+        kept = "best" if mean - half > 0 else "default"
     return {"seeds": [seed + CONFIRM_SEED_OFFSET + k for k in range(seeds)],
             "best_valid_auc": values["best"], "default_valid_auc": values["default"],
-            "mean_gain": mean, "ci95": [mean - half, mean + half],
-            "kept": "best" if mean - half > 0 else "default"}
+            "mean_gain": json_number(mean), "ci95": [json_number(mean - half),
+                                                     json_number(mean + half)],
+            "kept": kept}
+
+
+def json_number(x: float) -> float | None:
+    """``x``, or None when it is not finite (the config files are strict JSON)."""
+    return x if math.isfinite(x) else None
 
 
 def run_tune(source: Any, split: Any, out_dir: str | Path, archs: Sequence[str], level: str,
@@ -363,9 +382,14 @@ def run_tune(source: Any, split: Any, out_dir: str | Path, archs: Sequence[str],
                                        data.encoders.num_dense, train_kw, kind)
                 check = confirm(data, arch, level, study.best_trial.params, default,
                                 confirm_seeds, seed, train_kw)
+                low, high = (float("nan") if v is None else v for v in check["ci95"])
+                gain = float("nan") if check["mean_gain"] is None else check["mean_gain"]
+                diverged = [n for n in ("best", "default")
+                            if None in check[f"{n}_valid_auc"]]
                 log(f"{arch}-{level}: confirmation on {confirm_seeds} fresh seeds: best - default "
-                    f"{check['mean_gain']:+.5f} [{check['ci95'][0]:+.5f}, "
-                    f"{check['ci95'][1]:+.5f}] -> keep the {check['kept']}")
+                    f"{gain:+.5f} [{low:+.5f}, {high:+.5f}]"
+                    + (f" ({' and '.join(diverged)} diverged on a seed)" if diverged else "")
+                    + f" -> keep the {check['kept']}")
                 if check["kept"] == "default":
                     o = _params_overrides(default)
                     best = {**best, "model": o.model, "train": o.train}

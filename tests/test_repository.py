@@ -270,6 +270,17 @@ def test_version_1_files_still_load(repo, encoders) -> None:
         validate_meta(v1, mv.meta_path)
 
 
+def test_the_writer_refuses_keys_the_format_does_not_have(tmp_path, encoders) -> None:
+    """Reading ignores unknown keys; writing refuses them (a typo would be dropped silently)."""
+    onnx_path = tmp_path / "model.onnx"
+    onnx.save(_graph(len(encoders.cardinalities), encoders.num_dense), str(onnx_path))
+    meta = _meta(encoders, onnx_path)
+    meta["model"]["cardinality"] = 3
+    with pytest.raises(RepositoryError, match=r"does not have: \['model.cardinality'\]"):
+        write_meta(tmp_path / "model.json", meta)
+    assert not (tmp_path / "model.json").exists()
+
+
 def test_unreadable_model_json(repo) -> None:
     mv = ModelRepository(repo).load_version("other")
     mv.meta_path.write_text("{")

@@ -192,3 +192,34 @@ def test_a_trial_without_a_matched_preset_is_pruned_not_fatal(shared_data, tmp_p
     pruned = [t for t in trials if t.params["batch_size"] != 1024]
     assert pruned and all(t.state.name == "PRUNED" and "cannot match" in
                           t.user_attrs["pruned_because"] for t in pruned)
+
+
+def test_confirmation_survives_a_diverged_run(monkeypatch) -> None:
+    """A confirmation run that diverges counts as null: the best is not kept when it diverged,
+    and is kept when only the default did; the numbers stay strict JSON."""
+    import json as _json
+
+    import model.tune as tune
+    from model.errors import InputError
+
+    def fake(diverges: str):
+        calls = {"n": 0}
+
+        def train_once(data, arch, level, o, train_kw, seed, on_epoch=None):
+            calls["n"] += 1
+            which = "best" if o.train.get("lr") == 0.01 else "default"
+            if which == diverges and seed == 1001:
+                raise InputError("training diverged")
+            return (0.70 if which == "best" else 0.69) + 0.001 * (seed - 1000), 3
+        return train_once
+
+    best, default = {"lr": 0.01}, {"lr": 0.001}
+    monkeypatch.setattr(tune, "train_once", fake("best"))
+    check = tune.confirm(None, "dcnv2", "small", best, default, 3, 0, {})
+    assert check["kept"] == "default" and check["best_valid_auc"][1] is None
+    _json.dumps(check, allow_nan=False)
+    monkeypatch.setattr(tune, "train_once", fake("default"))
+    check = tune.confirm(None, "dcnv2", "small", best, default, 3, 0, {})
+    assert check["kept"] == "best" and check["default_valid_auc"][1] is None
+    assert check["mean_gain"] == pytest.approx(0.01)
+    _json.dumps(check, allow_nan=False)

@@ -509,12 +509,12 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         raise InputError(f"unknown configs {unknown}; choose from {', '.join(CONFIGS)}")
     if args.repeats < 3:
         raise InputError(f"--repeats must be >= 3, got {args.repeats}")
-    report = run(configs, _ints(args.batches), _ints(args.threads), args.repeats,
-                 args.target_s, _ints(args.profile_batches) if args.profile_batches else [])
     doc = Path(args.doc)
-    if doc.is_file() and not doc.read_text().startswith(DOC_TITLE):
+    if doc.is_file() and not doc.read_text().startswith(DOC_TITLE):  # before minutes of work
         raise InputError(f"--doc {doc} exists and is not a report this benchmark wrote (it "
                          f"would be overwritten whole): name another file")
+    report = run(configs, _ints(args.batches), _ints(args.threads), args.repeats,
+                 args.target_s, _ints(args.profile_batches) if args.profile_batches else [])
     doc.parent.mkdir(parents=True, exist_ok=True)
     doc.write_text(document(markdown(report)))
     return write_result(args.out, report, f"wrote {doc} in {report['elapsed_s']:.0f}s")

@@ -5,8 +5,10 @@
 # the kept configs over 5 seeds on the held-out test rows (~25 minutes on one core).
 #
 #   docs/quality/recipe/synthetic/run.sh [OUT]      (default docs/quality/recipe/synthetic)
+# With the default OUT the committed studies resume and nothing runs: pass a new OUT to redo them.
 set -euo pipefail
 out="${1:-docs/quality/recipe/synthetic}"
+mkdir -p "$out"
 syn=.cache/mldcn/synth100k
 [ -f "$syn/data.parquet" ] || mldcn synth --rows 100000 --seed 0 --format parquet "$syn"
 data=(--data "$syn/data.parquet" --schema "$syn/schema.json" --split random --valid-frac 0.1

@@ -8,6 +8,7 @@
 #
 # Needs MovieLens at .cache/mldcn/ml-100k (mldcn data movielens .cache/mldcn/ml-100k) and
 # ../shared/data. One torch thread, one core at a time.
+# With the default OUT the committed studies resume and nothing runs: pass a new OUT to redo them.
 set -euo pipefail
 out="${1:-docs/quality/recipe/wide}"
 ml=.cache/mldcn/ml-100k
