@@ -88,7 +88,7 @@ from export.repository import (
 from model.config import ModelConfig
 from model.ctr import CTRModel
 from model.encoders import FeatureEncoders
-from model.errors import InputError
+from model.errors import InputError, one_line
 from model.files import read_json
 from model.flops import model_flops
 from model.fuse import fuse_for_inference
@@ -122,11 +122,6 @@ class ParityError(ExportError):
 
 def _stderr(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-def _one_line(e: BaseException | str, limit: int = 300) -> str:
-    text = " ".join(str(e).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class ProbabilityModel(nn.Module):
@@ -222,7 +217,7 @@ def load_samples(run: RunFolder) -> Samples:
             dense = np.ascontiguousarray(z["dense"], dtype=np.float32)
             labels = np.asarray(z["labels"], dtype=np.float64)
     except (OSError, ValueError, KeyError) as e:
-        raise ExportError(f"{valid_path}: cannot read: {_one_line(e)}") from None
+        raise ExportError(f"{valid_path}: cannot read: {one_line(e)}") from None
     n = len(labels)
     if n == 0 or cat.shape != (n, num_cat) or dense.shape != (n, num_dense):
         raise ExportError(
@@ -238,7 +233,7 @@ def load_samples(run: RunFolder) -> Samples:
             columns = {name: raw[name] for name in run.encoders.schema.names}
             samples.raw_cat_ids, samples.raw_dense = run.encoders.transform(columns)
         except (KeyError, TypeError, ValueError) as e:
-            raise ExportError(f"{raw_path}: cannot encode the raw rows: {_one_line(e)}") from None
+            raise ExportError(f"{raw_path}: cannot encode the raw rows: {one_line(e)}") from None
         _check_rows(run, samples.raw_cat_ids, samples.raw_dense, raw_path)
     return samples
 
@@ -247,7 +242,7 @@ def _check_rows(run: RunFolder, cat: np.ndarray, dense: np.ndarray, where: Path)
     try:
         run.model.check_inputs(torch.from_numpy(cat), torch.from_numpy(dense))
     except ValueError as e:
-        raise ExportError(f"{where}: rows do not fit the model: {_one_line(e)}") from None
+        raise ExportError(f"{where}: rows do not fit the model: {one_line(e)}") from None
     if not np.all(np.isfinite(dense)):
         raise ExportError(f"{where}: dense features contain NaN or inf")
 
@@ -361,7 +356,7 @@ def export_graph(
                     do_constant_folding=True, dynamo=False,
                 )
         except Exception as e:  # the exporter raises many types; all mean "cannot export"
-            raise ExportError(f"ONNX export failed: {_one_line(e)}") from None
+            raise ExportError(f"ONNX export failed: {one_line(e)}") from None
         graph_model = onnx.load(str(traced))  # external tensors the tracer wrote load too
     finally:
         shutil.rmtree(trace_dir, ignore_errors=True)
@@ -377,7 +372,7 @@ def export_graph(
         else:
             onnx.save_model(graph_model, str(path))
     except (ValueError, OSError) as e:  # protobuf's size limit, a full disk
-        raise ExportError(f"cannot save the exported graph to {path}: {_one_line(e)}") from None
+        raise ExportError(f"cannot save the exported graph to {path}: {one_line(e)}") from None
     if data_path.is_file():
         # onnx creates the data file readable by its owner only; give it model.onnx's mode, so
         # that a server running as another user (the image's uid 10001) can read both.
@@ -385,7 +380,7 @@ def export_graph(
     try:
         onnx.checker.check_model(str(path), full_check=True)  # by path: external data too
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
-        raise ExportError(f"onnx.checker rejected the exported graph: {_one_line(e)}") from None
+        raise ExportError(f"onnx.checker rejected the exported graph: {one_line(e)}") from None
     return graph_model
 
 
@@ -434,7 +429,7 @@ def _session(path: Path) -> ort.InferenceSession:
     try:
         return ort.InferenceSession(str(path), sess_options=options, providers=[PROVIDER])
     except Exception as e:  # ORT raises its own exception types
-        raise ExportError(f"ONNX Runtime cannot load the exported graph: {_one_line(e)}") from None
+        raise ExportError(f"ONNX Runtime cannot load the exported graph: {one_line(e)}") from None
 
 
 @torch.no_grad()

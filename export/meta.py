@@ -61,7 +61,6 @@ Example:
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping
 from functools import cached_property
 from typing import Annotated, Any, Literal
@@ -70,6 +69,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, m
 
 from model.encoders import FeatureEncoders
 from model.errors import InputError
+from model.files import json_safe
 from model.schema import SchemaError
 
 META_FORMAT_VERSION = 2
@@ -118,17 +118,6 @@ def io_spec(num_cat: int, num_dense: int) -> tuple[list[dict[str, Any]], list[di
     outputs = [entry(OUTPUT_NAME, "float32", [BATCH_AXIS],
                      "click probability per row, sigmoid(logit)")]
     return inputs, outputs
-
-
-def json_safe(value: Any) -> Any:
-    """``value`` with NaN and ±inf replaced by None, so that it serialises as strict JSON."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, Mapping):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    return value
 
 
 Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]

@@ -70,13 +70,12 @@ from export.meta import (
     MODEL_FILE,
     MetaError,
     ModelMeta,
-    json_safe,
     unknown_keys,
 )
 from model.checks import check_sizes
 from model.encoders import FeatureEncoders
 from model.errors import InputError
-from model.files import sha256_file
+from model.files import json_safe, sha256_file
 
 META_FILE = "model.json"
 STAGING_PREFIX = ".export-"

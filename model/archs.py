@@ -115,6 +115,10 @@ class SearchKey:
     choices: tuple[Any, ...]
     when: tuple[str, Any] | None = None
 
+    def active(self, value_of: Callable[[str], Any]) -> bool:
+        """Whether this key is searched, given the value of other settings by name."""
+        return self.when is None or value_of(self.when[0]) == self.when[1]
+
 
 @dataclass(frozen=True)
 class Architecture:

@@ -14,3 +14,10 @@ class CLIError(Exception):
 class InputError(ValueError):
     """Bad input: a setting out of range, a file or data that cannot be used (the message names
     it and the reason). A ValueError, so callers that catch ValueError still do."""
+
+
+def one_line(e: BaseException | str, limit: int | None = 300) -> str:
+    """An error's text on one line (whitespace runs collapsed), cut to ``limit`` characters
+    (None: uncut) for messages that quote a library's error."""
+    text = " ".join(str(e).split())
+    return text if limit is None or len(text) <= limit else text[: limit - 3] + "..."

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable
+import math
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -32,3 +33,14 @@ def read_json(path: Path, error: type[Exception]) -> Any:
         raise error(f"{path}: cannot read: {e.strerror or e}") from None
     except ValueError as e:
         raise error(f"{path}: not valid JSON: {e}") from None
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with NaN and ±inf replaced by None, so that it serialises as strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value

@@ -57,7 +57,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from model.errors import InputError
+from model.errors import InputError, one_line
 from model.schema import FeatureSchema
 
 if TYPE_CHECKING:  # pyarrow is imported lazily so that `import model.readers` works without it
@@ -137,7 +137,7 @@ def _read_head(path: Path) -> bytes:
         with pa.input_stream(str(path), compression="detect") as stream:
             head = stream.read(_HEAD_BYTES)
     except (OSError, pa.ArrowException) as e:
-        raise DataError(f"{path}: cannot read: {_one_line(e)}") from None
+        raise DataError(f"{path}: cannot read: {one_line(e, None)}") from None
     if not head.strip():
         raise DataError(f"{path}: file is empty")
     return head
@@ -149,7 +149,7 @@ def _first_line(path: Path, head: bytes, delimiter: str) -> list[str]:
     try:
         return next(csv.reader([line], delimiter=delimiter))
     except (csv.Error, StopIteration) as e:
-        raise DataError(f"{path}: line 1: cannot parse: {_one_line(e)}") from None
+        raise DataError(f"{path}: line 1: cannot parse: {one_line(e, None)}") from None
 
 
 def _is_criteo_tsv(fields: list[str]) -> bool:
@@ -185,7 +185,7 @@ def _plan(path: Path, fmt: str) -> _FilePlan:
         try:
             names = pq.ParquetFile(str(path)).schema_arrow.names
         except (OSError, pa.ArrowException) as e:
-            raise DataError(f"{path}: not a readable parquet file: {_one_line(e)}") from None
+            raise DataError(f"{path}: not a readable parquet file: {one_line(e, None)}") from None
         return _FilePlan(path, fmt, tuple(names))
     if fmt == "criteo-tsv":
         first = _first_line(path, head, "\t")
@@ -381,10 +381,6 @@ def _concat(chunks: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
 # --------------------------------------------------------------------------- pyarrow batches
 
 
-def _one_line(e: BaseException | str) -> str:
-    return " ".join(str(e).split())
-
-
 def _csv_batches(
     plan: _FilePlan, schema: FeatureSchema, block_size_bytes: int
 ) -> Iterator[pa.RecordBatch]:
@@ -444,7 +440,7 @@ def _csv_error(plan: _FilePlan, e: BaseException, invalid: list[Any]) -> DataErr
             f"{plan.path}: {where}: malformed row: expected {row.expected_columns} columns, "
             f"got {row.actual_columns}: {text!r}"
         )
-    msg = _one_line(e)
+    msg = one_line(e, None)
 
     def name_column(m: re.Match[str]) -> str:
         i = int(m.group(1))
@@ -470,7 +466,7 @@ def _parquet_batches(
             use_threads=False,
         )
     except (pa.ArrowException, OSError) as e:
-        raise DataError(f"{plan.path}: cannot read parquet: {_one_line(e)}") from None
+        raise DataError(f"{plan.path}: cannot read parquet: {one_line(e, None)}") from None
 
 
 # --------------------------------------------------------------------------- arrow -> numpy
@@ -544,7 +540,7 @@ def _categorical(arr: pa.Array, name: str, where: _Where) -> np.ndarray:
         except pa.ArrowException as e:
             raise DataError(
                 f"{where.path}: column {name!r} of type {arr.type} cannot be read as "
-                f"categorical: {_one_line(e)}"
+                f"categorical: {one_line(e, None)}"
             ) from None
     return _blank_to_null(arr).to_numpy(zero_copy_only=False)
 
@@ -561,7 +557,7 @@ def _numeric(arr: pa.Array, name: str, where: _Where) -> np.ndarray:
         arr = pc.cast(arr, pa.float64())
     except pa.ArrowException as e:
         raise DataError(
-            f"{where.path}: column {name!r} of type {arr.type} is not numeric: {_one_line(e)}"
+            f"{where.path}: column {name!r} of type {arr.type} is not numeric: {one_line(e, None)}"
         ) from None
     return _writable(arr.to_numpy(zero_copy_only=False))
 
@@ -600,7 +596,7 @@ def _time_array(arr: pa.Array, name: str, where: _Where) -> np.ndarray:
     except pa.ArrowException as e:
         raise DataError(
             f"{where.path}: time column {name!r} of type {t} is not a number or a timestamp: "
-            f"{_one_line(e)}"
+            f"{one_line(e, None)}"
         ) from None
     if arr.null_count and pa.types.is_integer(arr.type):
         arr = pc.cast(arr, pa.float64())

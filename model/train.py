@@ -52,7 +52,7 @@ from model.device import AMP_CHOICES, amp_dtype, resolve_device
 from model.distributed import Dist, from_env
 from model.distributed import init as init_group
 from model.distributed import shutdown as shutdown_group
-from model.errors import InputError
+from model.errors import InputError, one_line
 from model.files import file_info, read_json
 from model.flops import model_flops
 from model.metrics import calibration, roc_auc
@@ -606,11 +606,6 @@ class RunFolderError(InputError):
     """A run folder that cannot be loaded; the message names the file at fault."""
 
 
-def _one_line(e: BaseException | str, limit: int = 300) -> str:
-    text = " ".join(str(e).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def load_run(run_dir: str | Path) -> tuple[nn.Module, ModelConfig, Any, dict[str, Any]]:
     """Rebuild (model with best weights, in eval mode; config, encoders, metrics) from a run
     folder, checking every file: FileNotFoundError (no folder, a missing file) or
@@ -634,11 +629,11 @@ def load_run(run_dir: str | Path) -> tuple[nn.Module, ModelConfig, Any, dict[str
     try:
         cfg = ModelConfig.from_dict(mc["model"])
     except (ValueError, TypeError) as e:
-        raise RunFolderError(f"{mc_path}: {_one_line(e)}") from None
+        raise RunFolderError(f"{mc_path}: {one_line(e)}") from None
     try:
         encoders = FeatureEncoders.load(enc_path)
     except SchemaError as e:
-        raise RunFolderError(f"{enc_path}: {_one_line(e)}") from None
+        raise RunFolderError(f"{enc_path}: {one_line(e)}") from None
     if encoders.cardinalities != mc["cardinalities"] or encoders.num_dense != mc["num_dense"]:
         raise RunFolderError(
             f"{enc_path} does not match {mc_path}: the encoders give cardinalities "
@@ -655,6 +650,6 @@ def load_run(run_dir: str | Path) -> tuple[nn.Module, ModelConfig, Any, dict[str
             pickle.UnpicklingError) as e:
         raise RunFolderError(
             f"{run / 'checkpoint.pt'}: cannot load it into the model that model_config.json "
-            f"describes: {_one_line(e, 240)}") from None
+            f"describes: {one_line(e, 240)}") from None
     model.eval()
     return model, cfg, encoders, metrics

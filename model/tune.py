@@ -106,7 +106,7 @@ def suggest(trial: Any, arch: str = "mldcn", kind: str = "recipe") -> Overrides:
             value = trial.suggest_categorical(name, list(low))
         parts[where][name] = value
     for key in _arch_keys(arch, kind):
-        if key.when is None or parts["model"].get(key.when[0]) == key.when[1]:
+        if key.active(parts["model"].get):
             parts["model"][key.name] = trial.suggest_categorical(key.name, list(key.choices))
     return Overrides(None, parts["model"], parts["train"])
 
@@ -127,7 +127,7 @@ def start_params(arch: str, level: str, cards: Sequence[int], num_dense: int,
             raise InputError(f"the default {name} = {value_in!r} is outside the search space")
         values[name] = value_in
     for key in _arch_keys(arch, kind):
-        if key.when is None or getattr(cfg, key.when[0]) == key.when[1]:
+        if key.active(lambda name: getattr(cfg, name)):
             value_in = getattr(cfg, key.name)
             if value_in not in key.choices:
                 raise InputError(f"the default {key.name} = {value_in!r} is outside the "
@@ -279,6 +279,7 @@ def confirm(data: Any, arch: str, level: str, best: dict[str, Any], default: dic
     seeds is often noise that does not carry over to test rows). A run that diverges (an
     InputError) counts as null: the best is then never kept if it diverged, and kept if only
     the default did."""
+    from model.files import json_safe
     from model.stats import mean_ci
 
     values: dict[str, list[float | None]] = {"best": [], "default": []}
@@ -300,16 +301,9 @@ def confirm(data: Any, arch: str, level: str, best: dict[str, Any], default: dic
         kept = "best"
     else:
         kept = "best" if mean - half > 0 else "default"
-    return {"seeds": [seed + CONFIRM_SEED_OFFSET + k for k in range(seeds)],
-            "best_valid_auc": values["best"], "default_valid_auc": values["default"],
-            "mean_gain": json_number(mean), "ci95": [json_number(mean - half),
-                                                     json_number(mean + half)],
-            "kept": kept}
-
-
-def json_number(x: float) -> float | None:
-    """``x``, or None when it is not finite (the config files are strict JSON)."""
-    return x if math.isfinite(x) else None
+    return json_safe({"seeds": [seed + CONFIRM_SEED_OFFSET + k for k in range(seeds)],
+                      "best_valid_auc": values["best"], "default_valid_auc": values["default"],
+                      "mean_gain": mean, "ci95": [mean - half, mean + half], "kept": kept})
 
 
 def run_tune(source: Any, split: Any, out_dir: str | Path, archs: Sequence[str], level: str,
